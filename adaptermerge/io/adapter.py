@@ -1,0 +1,350 @@
+"""Read and write PEFT LoRA adapter folders.
+
+Reading folds ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA, per module through ``rank_pattern`` and
+``alpha_pattern`` exactly as PEFT matches them) into the factors and converts embedding factors to
+the weight layout. Writing does the reverse with a config whose scaling is 1 (``lora_alpha == r``),
+which every loader, vLLM included, reads correctly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptermerge.adapter import Adapter
+from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
+from adaptermerge.io.atomic import atomic_dir, check_output_path
+from adaptermerge.io.safetensors_header import HeaderError, read_header
+from adaptermerge.lowrank import LowRank
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "emb_A",
+    ".lora_embedding_B": "emb_B",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block|decoder\.layers|encoder\.layer)\.(\d+)(?:\.|$)")
+
+
+def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
+    """The first pattern key matching ``module_name`` the way PEFT matches rank/alpha patterns.
+
+    PEFT (``peft.utils.other.get_pattern_key``) takes the first key ``k`` in dict order for which
+    ``re.match(rf"(.*\\.)?({k})$", module_name)`` succeeds.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def module_scaling(config: dict[str, Any], module_name: str) -> tuple[int, float, float]:
+    """``(r, alpha, scaling)`` PEFT uses for ``module_name`` under ``config``."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rk = get_pattern_key(list(rank_pattern), module_name)
+    ak = get_pattern_key(list(alpha_pattern), module_name)
+    r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(config.get("lora_alpha", 8))
+    if r <= 0:
+        raise InvalidAdapter(f"module {module_name}: rank r={r} must be positive; fix r/rank_pattern in {CONFIG_NAME}")
+    if alpha <= 0 or not math.isfinite(alpha):
+        raise InvalidAdapter(
+            f"module {module_name}: lora_alpha={alpha} must be a positive number; fix lora_alpha/alpha_pattern in {CONFIG_NAME}"
+        )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def is_targeted(config: dict[str, Any], module_name: str) -> bool:
+    """Whether PEFT's ``target_modules`` (list of suffixes or a regex) would select ``module_name``."""
+    tm = config.get("target_modules")
+    if tm is None:
+        return True
+    if isinstance(tm, str):
+        if tm == "all-linear":
+            return True
+        return re.fullmatch(tm, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in tm)
+
+
+def layer_index(module_name: str) -> int | None:
+    """The transformer block index in a module path (``model.layers.3.mlp`` -> 3), if any."""
+    m = _LAYER_RE.search(module_name)
+    return int(m.group(1)) if m else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise InvalidAdapter(f"{folder} has no {CONFIG_NAME}: not a PEFT adapter folder (point to the folder PEFT's save_pretrained wrote)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapter(f"{cfg_path} is not valid JSON ({e}); restore it from the training run") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{cfg_path} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(f"{folder} is a {peft_type} adapter; adaptermerge handles LoRA adapters only")
+    if "r" not in config:
+        raise InvalidAdapter(f"{cfg_path} has no 'r' (LoRA rank)")
+    for key in ("r", "lora_alpha"):
+        v = config.get(key, 1)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or not math.isfinite(v):
+            raise InvalidAdapter(f"{cfg_path}: {key}={v!r} is impossible; it must be a positive number")
+    return config
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = folder / WEIGHTS_NAME
+    if st.is_file():
+        try:
+            read_header(st)
+            return load_file(str(st))
+        except (HeaderError, Exception) as e:  # safetensors raises its own error types
+            raise InvalidAdapter(f"{st} is corrupt or truncated ({e}); re-save the adapter") from None
+    if (folder / PICKLE_NAME).is_file():
+        if not allow_pickle:
+            raise UnsafeFormat(
+                f"{folder} holds only {PICKLE_NAME}, a pickle that can run code when loaded, so it is not read; "
+                "convert it once in a trusted environment: PeftModel.from_pretrained(base, path).save_pretrained(new_path, safe_serialization=True)"
+            )
+        try:
+            sd = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InvalidAdapter(f"{folder / PICKLE_NAME} could not be read with weights_only=True ({e})") from None
+        return dict(sd)
+    raise InvalidAdapter(f"{folder} has no {WEIGHTS_NAME}; a PEFT adapter folder holds it beside {CONFIG_NAME}")
+
+
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT LoRA adapter folder into canonical form.
+
+    Args:
+        path: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_pickle: read an ``adapter_model.bin`` with ``torch.load(weights_only=True)`` when no
+            safetensors file exists. Off by default: pickles can execute code.
+
+    Raises:
+        InvalidAdapter: missing/corrupt files, impossible values, NaN/Inf, shape or rank mismatches.
+        UnsafeFormat: only a pickle is present and ``allow_pickle`` is False.
+        UnsupportedAdapter: a non-LoRA PEFT adapter.
+
+    Example:
+        >>> import adaptermerge
+        >>> adapter = adaptermerge.load_adapter("path/to/adapter")  # doctest: +SKIP
+        >>> adapter.ranks  # doctest: +SKIP
+        {'model.layers.0.self_attn.q_proj': 16, ...}
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise InvalidAdapter(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{folder} is not a folder; pass the adapter folder, not a file in it")
+    config = _read_config(folder)
+    tensors = _read_tensors(folder, allow_pickle)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    mts = config.get("modules_to_save") or []
+    for key, t in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for suf, role in _SUFFIXES.items():
+            if name.endswith(suf):
+                parts.setdefault(name[: -len(suf)], {})[role] = t
+                break
+        else:
+            extra[key] = t
+            known = name.endswith(".base_layer.weight") or any(
+                re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts
+            )
+            if not known:
+                warnings.append(f"unknown tensor {key} kept as an extra tensor (not a LoRA factor nor in modules_to_save)")
+
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    modules: dict[str, LowRank] = {}
+    dtype: torch.dtype | None = None
+    for name in sorted(parts, key=_natural_key):
+        p = parts[name]
+        r_cfg, _, scale = module_scaling(config, name)
+        if "emb_A" in p or "emb_B" in p:
+            if not ("emb_A" in p and "emb_B" in p):
+                raise InvalidAdapter(f"module {name}: lora_embedding_A and lora_embedding_B must both be present")
+            ea, eb = p["emb_A"], p["emb_B"]  # r x num_embeddings, dim x r
+            _check_pair(name, ea, eb, r_cfg)
+            dtype = dtype or ea.dtype
+            lr = LowRank(A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding")
+        else:
+            if not ("A" in p and "B" in p):
+                missing = "lora_B" if "A" in p else "lora_A"
+                raise InvalidAdapter(f"module {name}: {missing} weight is missing; the adapter file is incomplete")
+            a, b = p["A"], p["B"]
+            _check_pair(name, a, b, r_cfg)
+            dtype = dtype or a.dtype
+            bias = p.get("bias")
+            if bias is not None and bias.shape != (b.shape[0],):
+                raise InvalidAdapter(f"module {name}: lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)")
+            mag = p.get("magnitude")
+            if mag is not None and mag.numel() != b.shape[0]:
+                raise InvalidAdapter(f"module {name}: DoRA magnitude has {mag.numel()} entries, expected {b.shape[0]}")
+            lr = LowRank(
+                A=a.float() * scale,
+                B=b.float(),
+                layout="conv1d" if fan_in_fan_out else "linear",
+                bias=None if bias is None else bias.float() * scale,
+                magnitude=None if mag is None else mag.float().reshape(-1),
+            )
+        if not lr.is_finite():
+            raise InvalidAdapter(f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged")
+        if not is_targeted(config, name):
+            warnings.append(f"module {name} is not matched by target_modules {config.get('target_modules')!r}")
+        if layers is not None and layer_index(name) is not None and layer_index(name) not in layers:
+            warnings.append(f"module {name} is outside layers_to_transform {layers}")
+        modules[name] = lr
+    if not modules:
+        raise InvalidAdapter(f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)")
+    for key, t in extra.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidAdapter(f"tensor {key}: contains NaN or Inf; the file is damaged")
+    return Adapter(
+        modules=modules,
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        extra_tensors=extra,
+        modules_to_save=list(mts) if mts else None,
+        dtype=dtype or torch.float32,
+        config=config,
+        source=folder.resolve(),
+        warnings=warnings,
+    )
+
+
+def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, r_cfg: int) -> None:
+    if a.ndim != 2 or b.ndim != 2:
+        raise InvalidAdapter(f"module {name}: LoRA factors must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] != b.shape[1]:
+        raise InvalidAdapter(
+            f"module {name}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]} "
+            f"(shapes {tuple(a.shape)} and {tuple(b.shape)}); the factors do not belong together"
+        )
+    if a.shape[0] != r_cfg:
+        raise InvalidAdapter(
+            f"module {name}: tensors have rank {a.shape[0]} but the config gives r={r_cfg} for it "
+            "(check r / rank_pattern in adapter_config.json)"
+        )
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise InvalidAdapter(f"module {name}: LoRA factors must be floating point, got {a.dtype} and {b.dtype}")
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def adapter_config_for(adapter: Adapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` that :func:`save_adapter` writes: scaling 1 everywhere."""
+    ranks = [m.rank for m in adapter.modules.values() if m.rank > 0]
+    counts = Counter(ranks)
+    top = max(counts, key=lambda r: (counts[r], r)) if counts else 1
+    pattern = {re.escape(n): m.rank for n, m in adapter.modules.items() if m.rank > 0 and m.rank != top}
+    src = adapter.config
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
+        "r": top,
+        "lora_alpha": top,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "target_modules": [n for n, m in adapter.modules.items() if m.rank > 0],
+        "fan_in_fan_out": any(m.layout == "conv1d" for m in adapter.modules.values()),
+        "use_dora": adapter.uses_dora,
+        "lora_bias": adapter.uses_bias,
+        "bias": "none",
+        "modules_to_save": adapter.modules_to_save,
+        "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": src.get("revision"),
+    }
+
+
+def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors PEFT expects, keyed as PEFT writes them, in ``dtype`` (default: the adapter's)."""
+    dtype = dtype or adapter.dtype
+    sd: dict[str, torch.Tensor] = {}
+    bias_all = adapter.uses_bias
+    for name, m in adapter.modules.items():
+        if m.rank == 0:
+            continue
+        key = PEFT_PREFIX + name
+        if m.layout == "embedding":
+            sd[key + ".lora_embedding_A"] = m.B.T.to(dtype).contiguous()
+            sd[key + ".lora_embedding_B"] = m.A.T.to(dtype).contiguous()
+            continue
+        sd[key + ".lora_A.weight"] = m.A.to(dtype).contiguous()
+        sd[key + ".lora_B.weight"] = m.B.to(dtype).contiguous()
+        if bias_all:
+            bias = m.bias if m.bias is not None else torch.zeros(m.shape[0])
+            sd[key + ".lora_B.bias"] = bias.to(dtype).contiguous()
+        if m.magnitude is not None:
+            sd[key + ".lora_magnitude_vector"] = m.magnitude.to(dtype).contiguous()
+    for key, t in adapter.extra_tensors.items():
+        sd[key] = t.contiguous()
+    return sd
+
+
+def save_adapter(
+    adapter: Adapter,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``adapter`` as a PEFT folder at ``path`` atomically. See :meth:`Adapter.save`."""
+    inputs = [adapter.source] if adapter.source is not None else []
+    out = check_output_path(path, inputs, overwrite=overwrite)
+    for name, m in adapter.modules.items():
+        if not m.is_finite():
+            raise InvalidAdapter(f"module {name}: NaN or Inf in the result; nothing was written")
+    sd = adapter_state_dict(adapter, dtype)
+    config = adapter_config_for(adapter)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+    return out

@@ -1,0 +1,58 @@
+"""Atomic output folders and the rules that protect inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from adaptermerge.errors import OutputExistsError, UsageError
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that is an input, lies inside one, contains one, or exists without ``overwrite``."""
+    out_p = Path(out).resolve()
+    for inp in inputs:
+        in_p = Path(inp).resolve()
+        if out_p == in_p or in_p in out_p.parents or out_p in in_p.parents:
+            raise UsageError(
+                f"output {out} overlaps the input {inp}; choose an output folder outside every input"
+            )
+    if out_p.exists():
+        if not out_p.is_dir():
+            raise OutputExistsError(f"output {out} exists and is not a folder; remove it or choose another path")
+        if any(out_p.iterdir()) and not overwrite:
+            raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    return out_p
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+
+    A crash or an exception leaves ``out`` untouched and removes the temporary folder, so no
+    half-written output ever carries the final name.
+    """
+    out_p = Path(out).resolve()
+    check_output_path(out_p, overwrite=overwrite)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.partial-", dir=out_p.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if out_p.exists():
+            old = out_p.parent / f".{out_p.name}.old-{os.getpid()}"
+            os.replace(out_p, old)
+        os.replace(tmp, out_p)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""Merge methods: one module per family and a registry."""

@@ -1,0 +1,1 @@
+"""Model surgery: merge adapters into base checkpoints, resize, extract."""

@@ -1,0 +1,133 @@
+"""Click application: parse, call the library, print. Errors become one line and an exit code.
+
+Exit codes: 0 success, 1 bad data (corrupt/incompatible inputs), 2 usage errors, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import click
+
+from adaptermerge.errors import AdapterMergeError
+
+_FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_MULTI_VALUE_OPTIONS = ("--weights", "--density")
+
+
+def normalize_multi_values(args: list[str]) -> list[str]:
+    """Turn ``--weights 0.7 0.3`` into ``--weights 0.7,0.3`` so click sees one value."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        out.append(a)
+        i += 1
+        if a in _MULTI_VALUE_OPTIONS:
+            vals = []
+            while i < len(args) and _FLOAT.match(args[i].rstrip(",")) or (i < len(args) and "," in args[i] and all(_FLOAT.match(x) for x in args[i].split(",") if x)):
+                vals.extend(x for x in args[i].split(",") if x)
+                i += 1
+            out.append(",".join(vals))
+    return out
+
+
+def parse_floats(value: str | None, name: str) -> list[float] | None:
+    """Parse ``0.7,0.3`` into floats, or raise a usage error naming the option."""
+    if value is None:
+        return None
+    try:
+        vals = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like '0.7 0.3' or '0.7,0.3', got {value!r}", param_hint=name) from None
+    if not vals:
+        raise click.BadParameter("give at least one number", param_hint=name)
+    return vals
+
+
+class AppGroup(click.Group):
+    """A group that accepts space-separated multi-value options and maps errors to one line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:  # type: ignore[override]
+        if args is None:
+            args = sys.argv[1:]
+        args = normalize_multi_values(list(args))
+        debug = "--debug" in args or os.environ.get("ADAPTERMERGE_DEBUG") == "1"
+        if not standalone_mode:
+            return super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name=prog_name or "adaptermerge", standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx else "adaptermerge"
+            click.echo(f"error: {e.format_message()} (see '{cmd} --help')", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except AdapterMergeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {_one_line(str(e))}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except OSError as e:
+            if debug:
+                raise
+            click.echo(f"error: {_one_line(str(e))}", err=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the edge where everything becomes one line
+            if debug:
+                raise
+            click.echo(
+                f"error: internal error {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for a traceback and report it)",
+                err=True,
+            )
+            sys.exit(1)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        sys.exit(0)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
+    """Print ``data`` as JSON or ``text`` for people."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+@click.group(cls=AppGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="adaptermerge", prog_name="adaptermerge")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """LoRA adapter merging and model surgery on PEFT folders and safetensors checkpoints.
+
+    \b
+    Examples:
+      adaptermerge inspect ./my-adapter
+      adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
+    """
+
+
+def _register() -> None:
+    from adaptermerge_cli import commands  # noqa: F401  (registers subcommands)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main()
+
+
+_register()
