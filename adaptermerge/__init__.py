@@ -9,6 +9,7 @@ Example:
 """
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.combination import combine, save_combined
 from adaptermerge.errors import (
     AdapterMergeError,
     IncompatibleAdapters,
@@ -40,7 +41,9 @@ __all__ = [
     "UnsupportedAdapter",
     "UsageError",
     "__version__",
+    "combine",
     "describe",
     "load_adapter",
     "open_checkpoint",
+    "save_combined",
 ]

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.errors import InvalidAdapter
 from adaptermerge.io.adapter import WEIGHTS_NAME, load_adapter, module_scaling
 from adaptermerge.io.checkpoint import Checkpoint, is_checkpoint, open_checkpoint
-from adaptermerge.errors import InvalidAdapter
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -26,7 +26,9 @@ def adapter_warnings(adapter: Adapter) -> list[str]:
         if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
             ratio = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
             if ratio > 4:
-                w.append(f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training unstable (alpha = r or 2r is usual)")
+                w.append(
+                    f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training unstable (alpha = r or 2r is usual)"
+                )
             if ratio < 0.25:
                 w.append(f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha")
     if ranks and max(ranks) > 64:
@@ -42,7 +44,9 @@ def adapter_warnings(adapter: Adapter) -> list[str]:
     if adapter.uses_bias or (cfg.get("bias", "none") not in (None, "none")):
         w.append("adapter trains biases; vLLM refuses bias != 'none' and lora_bias")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        w.append("rank_pattern/alpha_pattern are set; vLLM ignores them (re-save with adaptermerge to fold the scaling)")
+        w.append(
+            "rank_pattern/alpha_pattern are set; vLLM ignores them (re-save with adaptermerge to fold the scaling)"
+        )
     return w
 
 
@@ -135,4 +139,6 @@ def describe(path: str | os.PathLike, norms: bool = True) -> dict[str, Any]:
         return describe_checkpoint(open_checkpoint(p))
     if not p.exists():
         raise InvalidAdapter(f"{p} does not exist")
-    raise InvalidAdapter(f"{p} is neither a PEFT adapter folder (adapter_config.json) nor a checkpoint folder (*.safetensors)")
+    raise InvalidAdapter(
+        f"{p} is neither a PEFT adapter folder (adapter_config.json) nor a checkpoint folder (*.safetensors)"
+    )

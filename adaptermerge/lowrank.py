@@ -41,6 +41,8 @@ class LowRank:
         layout: how ``delta`` maps onto the base weight: ``linear``, ``conv1d`` or ``embedding``.
         bias: optional ``(out,)`` bias update (PEFT ``lora_bias``), scaling folded in.
         magnitude: optional DoRA magnitude vector ``(out,)`` (absolute, not a delta).
+        scale: the scaling that was folded into ``A`` when reading (``alpha / r``). Only
+            factorization-dependent methods (PEFT's ``factor-linear``) use it, to recover PEFT's split.
     """
 
     A: torch.Tensor
@@ -48,6 +50,7 @@ class LowRank:
     layout: str = "linear"
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

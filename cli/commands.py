@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-
 from adaptermerge_cli.main import cli, emit
 
 
@@ -24,7 +23,9 @@ def format_adapter(d: dict[str, Any], verbose: bool) -> str:
     lines.append(f"{'module':60s} {'rank':>4s} {'scaling':>8s} {'shape':>14s} {'|delta|_F':>10s}")
     for m in mods:
         shape = "x".join(map(str, m["shape"]))
-        lines.append(f"{m['name'][-60:]:60s} {m['rank']:4d} {m.get('scaling', 1.0):8.4g} {shape:>14s} {m.get('delta_norm', float('nan')):10.4g}")
+        lines.append(
+            f"{m['name'][-60:]:60s} {m['rank']:4d} {m.get('scaling', 1.0):8.4g} {shape:>14s} {m.get('delta_norm', float('nan')):10.4g}"
+        )
     if len(d["modules"]) > len(mods):
         lines.append(f"... {len(d['modules']) - len(mods)} more (use --all or --json)")
     for w in d["warnings"]:
@@ -41,7 +42,9 @@ def format_checkpoint(d: dict[str, Any]) -> str:
         f"largest     {d['largest_tensor']['name']} ({d['largest_tensor']['bytes'] / 1e6:.1f} MB)",
     ]
     if d["quantization"]:
-        lines.append(f"quantized   {d['quantized_4bit_modules']} modules 4-bit {d['quant_types']}  config {d['quantization'].get('quant_method')}")
+        lines.append(
+            f"quantized   {d['quantized_4bit_modules']} modules 4-bit {d['quant_types']}  config {d['quantization'].get('quant_method')}"
+        )
     for w in d["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -69,3 +72,146 @@ def inspect_cmd(path: str, as_json: bool, verbose: bool, no_norms: bool) -> None
     d = describe(path, norms=not no_norms)
     text = format_adapter(d, verbose) if d["kind"] == "adapter" else format_checkpoint(d)
     emit(d, as_json, text)
+
+
+def _method_help() -> str:
+    from adaptermerge.methods.registry import METHODS, method_names
+
+    return "; ".join(f"{n}: {METHODS[n].title}" for n in method_names())
+
+
+def format_combine(d: dict[str, Any]) -> str:
+    mods = d["modules"]
+    ranks = sorted({m["rank"] for m in mods})
+    worst = min((m["kept_energy"] for m in mods), default=1.0)
+    lines = [
+        f"wrote {d['output']}",
+        f"method {d['method']}  weights {d['weights']}  modules {len(mods)}  output ranks {ranks}",
+        f"kept energy: lowest {worst:.6f}, mean {sum(m['kept_energy'] for m in mods) / max(len(mods), 1):.6f}",
+    ]
+    errs = [m["rel_error_vs_exact"] for m in mods if m.get("rel_error_vs_exact") is not None]
+    if errs:
+        lines.append(f"relative error vs exact weighted sum: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    lines += [f"warning: {w}" for w in d["warnings"]]
+    return "\n".join(lines)
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--weights",
+    "weights_s",
+    metavar="W [W ...]",
+    help="One weight per adapter, space- or comma-separated (default: equal, summing to 1).",
+)
+@click.option(
+    "--method",
+    default="linear",
+    show_default=True,
+    help="Merge method. "
+    + "linear: exact weighted sum; cat: concatenation; svd: best rank-k; factor-linear: PEFT's 'linear'.",
+)
+@click.option(
+    "--rank", type=click.IntRange(min=1), help="Output rank (svd; truncates linear). svd default: largest input rank."
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Keep the smallest rank per module holding this fraction of ||delta||_F^2 (capped by --rank).",
+)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the algebra runs."
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: the inputs' dtype)."
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Precision of the algebra.",
+)
+@click.option("--allow-different-base", is_flag=True, help="Combine adapters whose base_model_name_or_path differ.")
+@click.option(
+    "--recipe",
+    "recipe_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Replay a recipe (adaptermerge_recipe.yaml) instead of giving adapters.",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(), help="Output adapter folder (must not exist or be empty)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def combine_cmd(
+    adapters: tuple[str, ...],
+    weights_s: str | None,
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    device: str,
+    dtype: str | None,
+    compute_dtype: str,
+    allow_different_base: bool,
+    recipe_path: str | None,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Combine LoRA adapters into one PEFT adapter folder.
+
+    Methods: linear (exact weighted sum of deltas, stored at its numerical rank), cat (concatenated
+    factors), svd (best rank-k approximation of the exact sum; --rank or --energy), factor-linear
+    (PEFT's add_weighted_adapter 'linear', which is not the weighted sum; a warning gives its error).
+    The output carries a model card and a recipe that replays the merge byte for byte.
+
+    \b
+    Examples:
+      adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
+      adaptermerge combine ./a ./b ./c --method svd --rank 32 -o ./abc
+      adaptermerge combine ./a ./b --method svd --energy 0.99 --rank 64 -o ./ab
+      adaptermerge combine --recipe ./ab/adaptermerge_recipe.yaml -o ./ab-again
+    """
+    from adaptermerge_cli.main import parse_floats
+
+    from adaptermerge.combination import combine, save_combined
+    from adaptermerge.errors import UsageError
+    from adaptermerge.methods.registry import get_method
+
+    get_method(method)
+    if recipe_path:
+        if adapters or weights_s or rank or energy or dtype:
+            raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
+        from adaptermerge.recipe import load_recipe, recipe_arguments
+
+        kwargs = recipe_arguments(load_recipe(recipe_path))
+    else:
+        if not adapters:
+            raise UsageError("give at least one adapter folder (or --recipe FILE)")
+        kwargs = dict(
+            adapters=list(adapters),
+            weights=parse_floats(weights_s, "--weights"),
+            method=method,
+            rank=rank,
+            energy=energy,
+            dtype=dtype,
+            compute_dtype=compute_dtype,
+            allow_different_base=allow_different_base,
+        )
+    from adaptermerge.io.atomic import check_output_path
+
+    check_output_path(output, kwargs["adapters"], overwrite=overwrite)
+    result = combine(**kwargs, device=device, progress=not quiet)
+    out = save_combined(result, output, overwrite=overwrite)
+    prov = result.provenance
+    d = {
+        "output": str(out),
+        "method": prov["method"],
+        "weights": prov["weights"],
+        "modules": prov["modules"],
+        "warnings": result.warnings,
+    }
+    emit(d, as_json, format_combine(d))

@@ -29,7 +29,11 @@ def normalize_multi_values(args: list[str]) -> list[str]:
         i += 1
         if a in _MULTI_VALUE_OPTIONS:
             vals = []
-            while i < len(args) and _FLOAT.match(args[i].rstrip(",")) or (i < len(args) and "," in args[i] and all(_FLOAT.match(x) for x in args[i].split(",") if x)):
+            while (
+                i < len(args)
+                and _FLOAT.match(args[i].rstrip(","))
+                or (i < len(args) and "," in args[i] and all(_FLOAT.match(x) for x in args[i].split(",") if x))
+            ):
                 vals.extend(x for x in args[i].split(",") if x)
                 i += 1
             out.append(",".join(vals))
@@ -43,7 +47,9 @@ def parse_floats(value: str | None, name: str) -> list[float] | None:
     try:
         vals = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected numbers like '0.7 0.3' or '0.7,0.3', got {value!r}", param_hint=name) from None
+        raise click.BadParameter(
+            f"expected numbers like '0.7 0.3' or '0.7,0.3', got {value!r}", param_hint=name
+        ) from None
     if not vals:
         raise click.BadParameter("give at least one number", param_hint=name)
     return vals

@@ -103,7 +103,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _read_config(folder: Path) -> dict[str, Any]:
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
-        raise InvalidAdapter(f"{folder} has no {CONFIG_NAME}: not a PEFT adapter folder (point to the folder PEFT's save_pretrained wrote)")
+        raise InvalidAdapter(
+            f"{folder} has no {CONFIG_NAME}: not a PEFT adapter folder (point to the folder PEFT's save_pretrained wrote)"
+        )
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -176,7 +178,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     warnings: list[str] = []
     mts = config.get("modules_to_save") or []
     for key, t in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         for suf, role in _SUFFIXES.items():
             if name.endswith(suf):
                 parts.setdefault(name[: -len(suf)], {})[role] = t
@@ -187,7 +189,9 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                 re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts
             )
             if not known:
-                warnings.append(f"unknown tensor {key} kept as an extra tensor (not a LoRA factor nor in modules_to_save)")
+                warnings.append(
+                    f"unknown tensor {key} kept as an extra tensor (not a LoRA factor nor in modules_to_save)"
+                )
 
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     layers = config.get("layers_to_transform")
@@ -204,7 +208,9 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             ea, eb = p["emb_A"], p["emb_B"]  # r x num_embeddings, dim x r
             _check_pair(name, ea, eb, r_cfg)
             dtype = dtype or ea.dtype
-            lr = LowRank(A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding")
+            lr = LowRank(
+                A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding", scale=scale
+            )
         else:
             if not ("A" in p and "B" in p):
                 missing = "lora_B" if "A" in p else "lora_A"
@@ -214,7 +220,9 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             dtype = dtype or a.dtype
             bias = p.get("bias")
             if bias is not None and bias.shape != (b.shape[0],):
-                raise InvalidAdapter(f"module {name}: lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)")
+                raise InvalidAdapter(
+                    f"module {name}: lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)"
+                )
             mag = p.get("magnitude")
             if mag is not None and mag.numel() != b.shape[0]:
                 raise InvalidAdapter(f"module {name}: DoRA magnitude has {mag.numel()} entries, expected {b.shape[0]}")
@@ -224,16 +232,21 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                 layout="conv1d" if fan_in_fan_out else "linear",
                 bias=None if bias is None else bias.float() * scale,
                 magnitude=None if mag is None else mag.float().reshape(-1),
+                scale=scale,
             )
         if not lr.is_finite():
-            raise InvalidAdapter(f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged")
+            raise InvalidAdapter(
+                f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged"
+            )
         if not is_targeted(config, name):
             warnings.append(f"module {name} is not matched by target_modules {config.get('target_modules')!r}")
         if layers is not None and layer_index(name) is not None and layer_index(name) not in layers:
             warnings.append(f"module {name} is outside layers_to_transform {layers}")
         modules[name] = lr
     if not modules:
-        raise InvalidAdapter(f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)")
+        raise InvalidAdapter(
+            f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)"
+        )
     for key, t in extra.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InvalidAdapter(f"tensor {key}: contains NaN or Inf; the file is damaged")

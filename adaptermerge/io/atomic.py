@@ -12,15 +12,15 @@ from pathlib import Path
 from adaptermerge.errors import OutputExistsError, UsageError
 
 
-def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+def check_output_path(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
     """Refuse an output that is an input, lies inside one, contains one, or exists without ``overwrite``."""
     out_p = Path(out).resolve()
     for inp in inputs:
         in_p = Path(inp).resolve()
         if out_p == in_p or in_p in out_p.parents or out_p in in_p.parents:
-            raise UsageError(
-                f"output {out} overlaps the input {inp}; choose an output folder outside every input"
-            )
+            raise UsageError(f"output {out} overlaps the input {inp}; choose an output folder outside every input")
     if out_p.exists():
         if not out_p.is_dir():
             raise OutputExistsError(f"output {out} exists and is not a folder; remove it or choose another path")

@@ -53,7 +53,11 @@ class Checkpoint:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """A folder that looks like a transformers checkpoint (has safetensors model files)."""
     p = Path(path)
-    return p.is_dir() and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors"))) and not (p / "adapter_config.json").is_file()
+    return (
+        p.is_dir()
+        and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors")))
+        and not (p / "adapter_config.json").is_file()
+    )
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -84,7 +88,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         files = sorted(f.name for f in p.glob("*.safetensors"))
         if not files:
             if any(p.glob("*.bin")):
-                raise InvalidCheckpoint(f"{p} holds only pickle (.bin) weights, which are never loaded; convert them to safetensors first")
+                raise InvalidCheckpoint(
+                    f"{p} holds only pickle (.bin) weights, which are never loaded; convert them to safetensors first"
+                )
             raise InvalidCheckpoint(f"{p} holds no *.safetensors files")
         weight_map = {}
     shards: dict[str, Header] = {}

@@ -71,7 +71,9 @@ def read_header(path: str | os.PathLike) -> Header:
             raise HeaderError(f"{p.name} is too short to be a safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100_000_000):
-            raise HeaderError(f"{p.name} has an impossible header length {n} (file is {size} bytes): truncated or not safetensors")
+            raise HeaderError(
+                f"{p.name} has an impossible header length {n} (file is {size} bytes): truncated or not safetensors"
+            )
         try:
             head = json.loads(fh.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,0 +1,3 @@
+from adaptermerge_cli.main import main
+
+main()

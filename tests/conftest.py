@@ -1,0 +1,42 @@
+"""Tiny deterministic models built from configs, and PEFT adapters made on them. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+from tests.helpers import make_adapter, tiny_gpt2, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def llama_adapter(tmp_path: Path) -> Path:
+    """A rank-4 PEFT adapter on q/v/o of a tiny Llama, non-zero B."""
+    return make_adapter(
+        tmp_path / "llama_a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=1
+    )
+
+
+@pytest.fixture
+def gpt2_adapter(tmp_path: Path) -> Path:
+    return make_adapter(
+        tmp_path / "gpt2_a",
+        tiny_gpt2,
+        r=4,
+        lora_alpha=16,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        seed=2,
+    )

@@ -1,0 +1,90 @@
+"""The CLI frame and ``inspect``: output, JSON, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from adaptermerge_cli.main import cli, normalize_multi_values
+from click.testing import CliRunner
+from transformers import LlamaForCausalLM
+
+from tests.helpers import tiny_llama
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adaptermerge_cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_inspect_adapter_text_and_json(llama_adapter: Path) -> None:
+    r = CliRunner().invoke(cli, ["inspect", str(llama_adapter)])
+    assert r.exit_code == 0, r.output
+    assert "model.layers.0.self_attn.q_proj" in r.output and "r=4" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(llama_adapter), "--json"])
+    d = json.loads(r.output)
+    assert d["kind"] == "adapter" and d["num_modules"] == 9 and d["ranks"] == {"4": 9}
+    assert all(m["scaling"] == 2.0 and m["delta_norm"] > 0 for m in d["modules"])
+
+
+def test_inspect_checkpoint(tmp_path: Path) -> None:
+    m: LlamaForCausalLM = tiny_llama()
+    m.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "base"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["kind"] == "checkpoint" and d["num_shards"] > 1
+    index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    assert d["num_tensors"] == len(index["weight_map"]) and d["elements_by_dtype"]["F32"] == d["num_elements"]
+
+
+def test_warnings_for_anti_patterns(tmp_path: Path) -> None:
+    from tests.helpers import make_adapter
+
+    a = make_adapter(tmp_path / "a", tiny_llama, r=2, lora_alpha=128, target_modules=["q_proj"])
+    r = CliRunner().invoke(cli, ["inspect", str(a)])
+    assert "alpha much larger than r" in r.output and "very low" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["inspect", "/nonexistent/path"], 2, "does not exist"),
+        (["inspect"], 2, "Missing argument"),
+        (["frobnicate"], 2, "No such command"),
+    ],
+)
+def test_usage_errors_one_line(args: list[str], code: int, needle: str) -> None:
+    p = run(args)
+    assert p.returncode == code
+    assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_data_one_line_exit_1(tmp_path: Path, llama_adapter: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_adapter, bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x01\x02")
+    p = run(["inspect", str(bad)])
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "corrupt" in p.stderr
+    p = run(["--debug", "inspect", str(bad)])
+    assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+def test_every_command_has_an_example() -> None:
+    for name, cmd in cli.commands.items():
+        r = CliRunner().invoke(cli, [name, "--help"])
+        assert r.exit_code == 0 and "adaptermerge " + name in r.output, name
+
+
+def test_weights_normalization() -> None:
+    assert normalize_multi_values(["combine", "a", "b", "--weights", "0.7", "0.3", "-o", "x"]) == [
+        "combine", "a", "b", "--weights", "0.7,0.3", "-o", "x",
+    ]  # fmt: skip
+    assert normalize_multi_values(["--weights", "1", "-1", "a"]) == ["--weights", "1,-1", "a"]
+    assert normalize_multi_values(["--weights", "0.7,0.3", "a"]) == ["--weights", "0.7,0.3", "a"]
