@@ -221,7 +221,7 @@ def combine(
         for mod, (b, a) in stacked.items():
             groups[(tuple(b.shape), tuple(a.shape))].append(mod)
         bar = _progress(len(module_names), progress, "re-ranking modules")
-        for (bshape, ashape), mods in groups.items():
+        for (bshape, _ashape), mods in groups.items():
             fs = factored_svd(torch.stack([stacked[m][0] for m in mods]), torch.stack([stacked[m][1] for m in mods]))
             big_r = bshape[1]
             for i, mod in enumerate(mods):

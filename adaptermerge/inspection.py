@@ -100,7 +100,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     dtypes: Counter[str] = Counter()
     params = 0
     largest = ("", 0)
-    for name, shard in ckpt.weight_map.items():
+    for name, _shard in ckpt.weight_map.items():
         ti = ckpt.info(name)
         dtypes[ti.dtype] += ti.numel
         params += ti.numel

@@ -77,7 +77,7 @@ def test_bad_data_one_line_exit_1(tmp_path: Path, llama_adapter: Path) -> None:
 
 
 def test_every_command_has_an_example() -> None:
-    for name, cmd in cli.commands.items():
+    for name, _cmd in cli.commands.items():
         r = CliRunner().invoke(cli, [name, "--help"])
         assert r.exit_code == 0 and "adaptermerge " + name in r.output, name
 

@@ -130,7 +130,7 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             read_header(st)
             return load_file(str(st))
-        except (HeaderError, Exception) as e:  # safetensors raises its own error types
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise InvalidAdapter(f"{st} is corrupt or truncated ({e}); re-save the adapter") from None
     if (folder / PICKLE_NAME).is_file():
         if not allow_pickle:
@@ -140,7 +140,7 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             )
         try:
             sd = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - torch raises many types here
             raise InvalidAdapter(f"{folder / PICKLE_NAME} could not be read with weights_only=True ({e})") from None
         return dict(sd)
     raise InvalidAdapter(f"{folder} has no {WEIGHTS_NAME}; a PEFT adapter folder holds it beside {CONFIG_NAME}")
