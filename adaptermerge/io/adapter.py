@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
-from adaptermerge.io.safetensors_header import HeaderError, read_header
+from adaptermerge.io.safetensors_header import read_header
 from adaptermerge.lowrank import LowRank
 
 CONFIG_NAME = "adapter_config.json"
