@@ -128,7 +128,7 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from adaptermerge_cli import commands  # noqa: F401  (registers subcommands)
+    from adaptermerge_cli import commands, surgery_commands  # noqa: F401  (registers subcommands)
 
 
 def main() -> None:

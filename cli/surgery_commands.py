@@ -1,0 +1,1 @@
+"""Model-surgery subcommands (merge, resize, extract)."""
