@@ -84,6 +84,13 @@ def check_compatible(adapters: Sequence[Adapter], names: Sequence[str], allow_di
         raise IncompatibleAdapters(
             f"adapters were trained on different bases ({', '.join(sorted(bases))}); pass --allow-different-base if they share weights"
         )
+    roots = [{_module_root(m) for m in a.modules} for a in adapters]
+    for i in range(1, len(adapters)):
+        if not roots[i] & roots[0]:
+            raise IncompatibleAdapters(
+                f"{names[0]} and {names[i]} share no module paths ({', '.join(sorted(roots[0]))} vs {', '.join(sorted(roots[i]))}): "
+                "they were made on different model architectures"
+            )
     seen: dict[str, tuple[str, tuple[int, int], str]] = {}
     for a, n in zip(adapters, names, strict=True):
         for mod, m in a.modules.items():
@@ -95,6 +102,11 @@ def check_compatible(adapters: Sequence[Adapter], names: Sequence[str], allow_di
                     "the adapters were made on different base models"
                 )
             seen.setdefault(mod, (*key, n))
+
+
+def _module_root(name: str) -> str:
+    """The first component of a module path: ``model.layers.3.mlp.up_proj`` -> ``model``."""
+    return name.split(".", 1)[0]
 
 
 def _natural_key(name: str) -> list:
@@ -232,7 +244,7 @@ def combine(
                     k = rank if rank is not None else (max(input_ranks[mod]) if energy is None else big_r)
                     if energy is not None:
                         k = min(k, energy_rank(s, energy))
-                    k = min(k, big_r)
+                    k = min(k, s.numel())
                 b, a = split_factors(fs.U[i], s, fs.Vh[i], k)
                 results[mod] = (b, a)
                 reports[mod] = ModuleReport(mod, input_ranks[mod], k, kept_energy(s, k))
@@ -255,10 +267,10 @@ def combine(
             continue
         bias = biases[mod]
         modules[mod] = LowRank(
-            A=a.to("cpu", torch.float32).contiguous(),
-            B=b.to("cpu", torch.float32).contiguous(),
+            A=a.to("cpu").contiguous(),
+            B=b.to("cpu").contiguous(),
             layout=layouts[mod],
-            bias=None if bias is None else bias.to("cpu", torch.float32),
+            bias=None if bias is None else bias.to("cpu"),
         )
     extras, notes = _combine_extras(loaded, names, w)
     warnings += notes

@@ -215,3 +215,25 @@ def combine_cmd(
         "warnings": result.warnings,
     }
     emit(d, as_json, format_combine(d))
+
+
+@cli.command("demo")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Where to write the demo files (default: a new temporary folder).",
+)
+def demo_cmd(workdir: str | None) -> None:
+    """Run the offline end-to-end demo on a tiny model built from a config.
+
+    Builds a tiny Llama-style base, makes two PEFT adapters, inspects and combines them, and checks
+    that PEFT loads the result with the expected logits. Nothing is downloaded.
+
+    \b
+    Examples:
+      adaptermerge demo
+      adaptermerge demo --workdir ./demo-out
+    """
+    from adaptermerge.demo import run_demo
+
+    run_demo(workdir)

@@ -19,8 +19,17 @@ _FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _MULTI_VALUE_OPTIONS = ("--weights", "--density")
 
 
+def _is_number_list(tok: str) -> bool:
+    parts = [x for x in tok.split(",") if x]
+    return bool(parts) and all(_FLOAT.match(x) for x in parts)
+
+
 def normalize_multi_values(args: list[str]) -> list[str]:
-    """Turn ``--weights 0.7 0.3`` into ``--weights 0.7,0.3`` so click sees one value."""
+    """Turn ``--weights 0.7 0.3`` into ``--weights 0.7,0.3`` so click sees one value.
+
+    Only tokens that are numbers (or comma-separated numbers) are gathered; anything else is left
+    for click to parse and report.
+    """
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -28,15 +37,12 @@ def normalize_multi_values(args: list[str]) -> list[str]:
         out.append(a)
         i += 1
         if a in _MULTI_VALUE_OPTIONS:
-            vals = []
-            while (
-                i < len(args)
-                and _FLOAT.match(args[i].rstrip(","))
-                or (i < len(args) and "," in args[i] and all(_FLOAT.match(x) for x in args[i].split(",") if x))
-            ):
+            vals: list[str] = []
+            while i < len(args) and _is_number_list(args[i]):
                 vals.extend(x for x in args[i].split(",") if x)
                 i += 1
-            out.append(",".join(vals))
+            if vals:
+                out.append(",".join(vals))
     return out
 
 

@@ -1,0 +1,239 @@
+"""combine against PEFT's add_weighted_adapter and against dense references, on PEFT-made adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import adaptermerge
+from adaptermerge.errors import IncompatibleAdapters, UsageError
+from tests.helpers import input_ids, make_adapter, peft_deltas, peft_model, rel_err, tiny_gpt2, tiny_llama
+
+W = [0.7, 0.3]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1)
+    b = make_adapter(tmp_path / "b", tiny_llama, r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=2)
+    return a, b
+
+
+def exact_deltas(model_fn, paths, weights) -> dict[str, torch.Tensor]:
+    """sum_i w_i * PEFT get_delta_weight_i, per module (stored layout)."""
+    pm = peft_model(model_fn, *paths)
+    out: dict[str, torch.Tensor] = {}
+    for i, w in enumerate(weights):
+        for name, d in peft_deltas(pm, f"a{i}").items():
+            out[name] = out.get(name, 0) + w * d.double()
+    return out
+
+
+def our_deltas(adapter) -> dict[str, torch.Tensor]:
+    return {n: m.weight_delta(torch.float64) for n, m in adapter.modules.items()}
+
+
+@pytest.mark.parametrize(
+    "ctype,ours,kw", [("cat", "cat", {}), ("svd", "svd", {"rank": 4}), ("linear", "factor-linear", {})]
+)
+def test_against_peft_add_weighted_adapter(pair, ctype, ours, kw) -> None:
+    pm = peft_model(tiny_llama, *pair)
+    extra = {"svd_rank": kw["rank"]} if "rank" in kw else {}
+    pm.add_weighted_adapter(["a0", "a1"], W, "m", combination_type=ctype, **extra)
+    ref = peft_deltas(pm, "m")
+    got = our_deltas(adaptermerge.combine(list(pair), W, method=ours, **kw))
+    assert set(ref) == set(got)
+    for name in ref:
+        assert rel_err(got[name], ref[name]) < (1e-4 if ctype == "svd" else 1e-5), name
+
+
+def test_factor_linear_warns_with_measured_error(pair) -> None:
+    out = adaptermerge.combine(list(pair), W, method="factor-linear")
+    exact = exact_deltas(tiny_llama, pair, W)
+    errs = [r["rel_error_vs_exact"] for r in out.provenance["modules"]]
+    for rep in out.provenance["modules"]:
+        measured = rel_err(out.modules[rep["name"]].weight_delta(torch.float64), exact[rep["name"]])
+        assert abs(measured - rep["rel_error_vs_exact"]) < 1e-4
+    assert min(errs) > 0.1  # independent adapters: large cross-term error
+    assert any("not the weighted sum" in w for w in out.warnings)
+    lin = adaptermerge.combine(list(pair), W, method="linear")
+    for name, d in our_deltas(lin).items():
+        assert rel_err(d, exact[name]) < 1e-6
+
+
+HETERO = [
+    (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"])),
+    (tiny_llama, dict(r=2, lora_alpha=2, target_modules=["q_proj"], layers_to_transform=[0]), dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 3}, alpha_pattern={"layers.1.self_attn.q_proj": 1})),
+    (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True), dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "v_proj"])),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(HETERO)))
+@pytest.mark.parametrize("method", ["linear", "cat", "svd"])
+def test_heterogeneous_inputs_give_exact_sum_and_load_in_peft(tmp_path: Path, case: int, method: str) -> None:
+    model_fn, ca, cb = HETERO[case]
+    a = make_adapter(tmp_path / "a", model_fn, seed=5, **ca)
+    b = make_adapter(tmp_path / "b", model_fn, seed=6, **cb)
+    w = [0.6, -0.9]
+    kw = {"rank": 10_000} if method == "svd" else {}
+    merged = adaptermerge.combine([a, b], w, method=method, **kw)
+    exact = exact_deltas(model_fn, [a, b], w)
+    got = our_deltas(merged)
+    assert set(got) == set(exact)
+    for name in exact:
+        assert rel_err(got[name], exact[name]) < 1e-5, name
+    out = adaptermerge.save_combined(merged, tmp_path / "out")
+    # PEFT loads our folder and reproduces base + sum_i w_i delta_i in its outputs
+    pm = peft_model(model_fn, out)
+    for name, d in peft_deltas(pm, "a0").items():
+        assert rel_err(d, exact[name]) < 1e-5, name
+    base = model_fn(0)
+    with torch.no_grad():
+        mods = dict(base.named_modules())
+        for name, d in exact.items():
+            mods[name].weight += d.float()
+        ids = input_ids()
+        assert torch.allclose(pm(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_rslora_cat_is_not_overscaled(tmp_path: Path) -> None:
+    a = make_adapter(
+        tmp_path / "a", tiny_llama, r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj"], seed=1
+    )
+    b = make_adapter(
+        tmp_path / "b", tiny_llama, r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj"], seed=2
+    )
+    exact = exact_deltas(tiny_llama, [a, b], W)
+    out = adaptermerge.save_combined(adaptermerge.combine([a, b], W, method="cat"), tmp_path / "o")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["r"] == cfg["lora_alpha"] == 32
+    for name, d in peft_deltas(peft_model(tiny_llama, out), "a0").items():
+        assert rel_err(d, exact[name]) < 1e-5
+    # PEFT itself inherits use_rslora and over-scales by sqrt(32): documented, measured here
+    pm = peft_model(tiny_llama, a, b)
+    pm.add_weighted_adapter(["a0", "a1"], W, "m", combination_type="cat")
+    name = next(iter(exact))
+    ratio = float(peft_deltas(pm, "m")[name].norm() / exact[name].norm())
+    assert abs(ratio - 32**0.5) < 1e-3
+
+
+def test_svd_energy_and_rank_cap(pair) -> None:
+    out = adaptermerge.combine(list(pair), W, method="svd", energy=0.9, rank=3)
+    for rep in out.provenance["modules"]:
+        assert rep["rank"] <= 3
+        assert rep["kept_energy"] >= 0.9 or rep["rank"] == 3
+
+
+def test_refusals(tmp_path: Path, pair) -> None:
+    a, b = pair
+    with pytest.raises(UsageError, match="2 adapters"):
+        adaptermerge.combine([a, b], [1.0])
+    g = make_adapter(tmp_path / "g", tiny_gpt2, r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    with pytest.raises(IncompatibleAdapters, match="different model architectures"):
+        adaptermerge.combine([a, g])
+    d = make_adapter(tmp_path / "d", tiny_llama, r=4, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(IncompatibleAdapters, match="DoRA"):
+        adaptermerge.combine([a, d])
+    for p, base in ((a, "org/llama-a"), (b, "org/llama-b")):
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = base
+        (p / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(IncompatibleAdapters, match="different bases"):
+        adaptermerge.combine([a, b])
+    assert adaptermerge.combine([a, b], allow_different_base=True).modules
+    with pytest.raises(UsageError):
+        adaptermerge.combine([a, b], method="cat", rank=2)
+    with pytest.raises(UsageError, match="unknown method"):
+        adaptermerge.combine([a, b], method="nope")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adaptermerge_cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_combine_recipe_replay_and_card(tmp_path: Path, pair) -> None:
+    a, b = pair
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    p = cli(
+        "combine",
+        str(a),
+        str(b),
+        "--weights",
+        "0.7",
+        "0.3",
+        "--method",
+        "svd",
+        "--rank",
+        "3",
+        "-o",
+        str(out1),
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["method"] == "svd" and all(m["rank"] == 3 for m in rep["modules"])
+    card = (out1 / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and "adaptermerge" in meta["tags"] and "svd" in meta["tags"]
+    assert "0.7" in card and "Eckart" in card
+    recipe = yaml.safe_load((out1 / "adaptermerge_recipe.yaml").read_text())
+    assert recipe["merge_method"] == "svd" and recipe["models"][0]["parameters"]["weight"] == 0.7
+    assert recipe["models"][0]["sha256"]["adapter_model.safetensors"]
+    p = cli("combine", "--recipe", str(out1 / "adaptermerge_recipe.yaml"), "-o", str(out2))
+    assert p.returncode == 0, p.stderr
+    assert (out1 / "adapter_model.safetensors").read_bytes() == (out2 / "adapter_model.safetensors").read_bytes()
+    # comma form gives the same result
+    p = cli(
+        "combine", str(a), str(b), "--weights", "0.7,0.3", "--method", "svd", "--rank", "3", "-o", str(tmp_path / "o3")
+    )
+    assert (tmp_path / "o3" / "adapter_model.safetensors").read_bytes() == (
+        out1 / "adapter_model.safetensors"
+    ).read_bytes()
+    # a changed input makes the recipe refuse to replay
+    shutil.copy(b / "adapter_model.safetensors", a / "adapter_model.safetensors")
+    p = cli("combine", "--recipe", str(out1 / "adaptermerge_recipe.yaml"), "-o", str(tmp_path / "o4"))
+    assert p.returncode == 1 and "changed since the recipe" in p.stderr and not (tmp_path / "o4").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,code,needle",
+    [
+        (["--weights", "0.5"], 2, "1 weights for 2 adapters"),
+        (["--weights", "a,b"], 2, "expected numbers"),
+        (["--method", "bogus"], 2, "unknown method"),
+        (["--method", "cat", "--rank", "2"], 2, "--rank/--energy"),
+        (["--energy", "1.5"], 2, "energy"),
+    ],
+)
+def test_cli_usage_errors_write_nothing(tmp_path: Path, pair, extra, code, needle) -> None:
+    a, b = pair
+    before = {p: p.read_bytes() for d in pair for p in d.iterdir()}
+    p = cli("combine", str(a), str(b), *extra, "-o", str(tmp_path / "out"))
+    assert p.returncode == code and needle in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert {p: p.read_bytes() for d in pair for p in d.iterdir()} == before
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out")]
+
+
+def test_cli_refuses_output_inside_input(pair) -> None:
+    a, b = pair
+    p = cli("combine", str(a), str(b), "-o", str(a / "sub"))
+    assert p.returncode == 2 and "overlaps the input" in p.stderr
+    p = cli("combine", str(a), str(b), "-o", str(a))
+    assert p.returncode == 2
+
+
+def test_cli_dora_refused_one_line(tmp_path: Path, pair) -> None:
+    d = make_adapter(tmp_path / "d", tiny_llama, r=4, target_modules=["q_proj"], use_dora=True)
+    p = cli("combine", str(pair[0]), str(d), "-o", str(tmp_path / "out"))
+    assert p.returncode == 1 and "DoRA" in p.stderr and len(p.stderr.strip().splitlines()) == 1
