@@ -1,0 +1,612 @@
+"""bitsandbytes 4-bit (NF4/FP4) weights as transformers saves them: group, read, dequantize, re-quantize.
+
+A quantized Linear weight ``X.weight`` is stored as several safetensors entries (verified with transformers 5
+and bitsandbytes 0.50.2 on CPU)::
+
+    X.weight                                 uint8 [ceil(n/2), 1]   two 4-bit codes per byte, first code in the high nibble
+    X.weight.absmax                          float32 [blocks]       one scale per block of ``blocksize`` values
+                                             (uint8 [blocks] with double quantization: 8-bit codes of absmax - offset)
+    X.weight.quant_map                       float32 [16]           the NF4 or FP4 code book
+    X.weight.nested_absmax                   float32 [ceil(blocks/256)]   double quantization only
+    X.weight.nested_quant_map                float32 [256]          double quantization only (bnb's dynamic 8-bit map)
+    X.weight.quant_state.bitsandbytes__nf4   uint8 [k]              UTF-8 JSON: quant_type, blocksize, dtype, shape
+                                             (+ nested_blocksize, nested_dtype, nested_offset)   (or ``__fp4``)
+
+The dense weight is ``quant_map[code] * absmax[block]`` in float32 (then cast to the recorded dtype). With double
+quantization ``absmax = nested_quant_map[absmax_code] * nested_absmax[block // 256] + nested_offset``.
+
+Example:
+    >>> import torch
+    >>> w = torch.randn(8, 64)
+    >>> spec = QuantSpec("nf4", 64, False, None, torch.float32, (8, 64), torch.uint8)
+    >>> out = quantize(w, spec, "lin.weight")
+    >>> sorted(out)[:2]
+    ['lin.weight', 'lin.weight.absmax']
+    >>> dequantize(out, "lin.weight").shape
+    torch.Size([8, 64])
+    >>> quantize(dequantize(out, "lin.weight"), read_spec(out, "lin.weight"), "lin.weight")["lin.weight"].equal(out["lin.weight"])
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adaptermerge.errors import InvalidCheckpoint, NumericalError
+
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+STATE_MARKER = ".quant_state.bitsandbytes__"
+STAT_SUFFIXES: tuple[str, ...] = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+QUANT_SUFFIXES: tuple[str, ...] = STAT_SUFFIXES + tuple(STATE_MARKER + t for t in QUANT_TYPES)
+VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes absmax in blocks of 256
+# Candidate scale factors c (scale = c * absmax) tried per block by optimize_scales.
+DEFAULT_SCALE_GRID: tuple[float, ...] = tuple(round(0.70 + 0.025 * i, 3) for i in range(15))  # 0.70 .. 1.05
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHUNK_ELEMENTS = 1 << 21  # blocks are processed in chunks of about this many values (bounds memory)
+
+
+@dataclass
+class QuantSpec:
+    """Everything needed to re-quantize a weight the way it was quantized."""
+
+    quant_type: str  # "nf4" | "fp4"
+    blocksize: int
+    double_quant: bool  # bnb "compress_statistics": absmax itself quantized to 8 bits
+    nested_blocksize: int | None
+    dtype: torch.dtype  # the dense dtype recorded in the quant state
+    shape: tuple[int, ...]  # the dense weight's shape
+    quant_storage: torch.dtype = torch.uint8  # dtype of the packed tensor (bnb_4bit_quant_storage)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_with_report` measured: squared reconstruction errors (float32 dequantization)."""
+
+    target_sq_norm: float  # ||w||^2
+    plain_sq_error: float  # ||dequant(plain bnb quantization) - w||^2
+    sq_error: float  # ||dequant(returned tensors) - w||^2
+    blocks: int
+    blocks_changed: int  # blocks whose scale differs from the plain path
+
+    @property
+    def plain_rel_error(self) -> float:
+        return math.sqrt(self.plain_sq_error / self.target_sq_norm) if self.target_sq_norm > 0 else 0.0
+
+    @property
+    def rel_error(self) -> float:
+        return math.sqrt(self.sq_error / self.target_sq_norm) if self.target_sq_norm > 0 else 0.0
+
+    @property
+    def sq_error_reduction(self) -> float:
+        """Fraction of the plain path's squared error removed (0 = no gain)."""
+        return 1.0 - self.sq_error / self.plain_sq_error if self.plain_sq_error > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- grouping
+
+
+def group_quantized(names: Iterable[str], strict: bool = True) -> dict[str, list[str]]:
+    """Map each 4-bit weight name to all tensor names that belong to it: the packed weight first, then its stats.
+
+    Pass the names of the whole checkpoint (all shards): transformers may put a weight and its stats in
+    different shards. A quantized weight is recognised by its ``.quant_state.bitsandbytes__<type>`` entry
+    (any type is grouped; :func:`read_spec` rejects unknown ones).
+
+    Raises:
+        InvalidCheckpoint: with ``strict``, a quant state without its packed weight or without ``.absmax`` /
+            ``.quant_map``, or stats (e.g. ``X.weight.absmax``) next to a weight that has no quant state.
+
+    Example:
+        >>> group_quantized(["a.weight", "a.weight.absmax", "a.weight.quant_map",
+        ...                  "a.weight.quant_state.bitsandbytes__nf4", "a.bias"])
+        {'a.weight': ['a.weight', 'a.weight.absmax', 'a.weight.quant_map', 'a.weight.quant_state.bitsandbytes__nf4']}
+    """
+    all_names = list(names)
+    present = set(all_names)
+    groups: dict[str, list[str]] = {}
+    for name in all_names:
+        if STATE_MARKER not in name:
+            continue
+        base, _, qt = name.rpartition(STATE_MARKER)
+        if not base or "." in qt or base in groups:
+            continue
+        members = [base] if base in present else []
+        members += [base + s for s in STAT_SUFFIXES if base + s in present]
+        members += sorted(n for n in present if n.startswith(base + STATE_MARKER))
+        groups[base] = members
+        if strict:
+            if base not in present:
+                raise InvalidCheckpoint(
+                    f"{name} has no packed weight {base!r} next to it: the checkpoint is incomplete; re-save it"
+                )
+            for s in (".absmax", ".quant_map"):
+                if base + s not in present:
+                    raise InvalidCheckpoint(
+                        f"4-bit weight {base} lacks its {base + s} tensor: the checkpoint is incomplete; re-save it"
+                    )
+    if strict:
+        for name in all_names:
+            for s in STAT_SUFFIXES:
+                base = name[: -len(s)]
+                if name.endswith(s) and base in present and base not in groups:
+                    raise InvalidCheckpoint(
+                        f"{name} looks like bitsandbytes 4-bit statistics but {base} has no "
+                        f"'{base}{STATE_MARKER}nf4' (or fp4) entry: the checkpoint is incomplete; re-save it"
+                    )
+    return groups
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _state_key(tensors: dict[str, torch.Tensor], weight_name: str) -> tuple[str, str]:
+    prefix = weight_name + STATE_MARKER
+    keys = [k for k in tensors if k.startswith(prefix)]
+    if not keys:
+        raise InvalidCheckpoint(
+            f"{weight_name}: no '{prefix}nf4' (or fp4) tensor given; pass the packed weight with all its stats tensors"
+        )
+    if len(keys) > 1:
+        raise InvalidCheckpoint(f"{weight_name} has several quant states ({', '.join(sorted(keys))}); keep exactly one")
+    qt = keys[0][len(prefix) :]
+    if qt not in QUANT_TYPES:
+        raise InvalidCheckpoint(
+            f"{weight_name} uses bitsandbytes 4-bit quant type {qt!r}; only {' and '.join(QUANT_TYPES)} are supported"
+        )
+    return keys[0], qt
+
+
+def _require(tensors: dict[str, torch.Tensor], name: str, weight_name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise InvalidCheckpoint(
+            f"4-bit weight {weight_name} lacks its {name} tensor; pass the packed weight with all its stats tensors"
+        )
+    return tensors[name]
+
+
+def _read_state_json(tensors: dict[str, torch.Tensor], key: str, weight_name: str) -> dict:
+    t = tensors[key]
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise InvalidCheckpoint(f"{key} must be a 1-D uint8 tensor holding JSON, got {t.dtype} {tuple(t.shape)}")
+    try:
+        state = json.loads(bytes(t.cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpoint(f"{key} does not hold valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(state, dict):
+        raise InvalidCheckpoint(f"{key} holds JSON that is not an object; the checkpoint is corrupt")
+    return state
+
+
+def read_spec(tensors: dict[str, torch.Tensor], weight_name: str) -> QuantSpec:
+    """Read and check how ``weight_name`` was quantized, from its packed weight and stats tensors.
+
+    ``tensors`` maps full checkpoint names (``model.layers.0.mlp.up_proj.weight.absmax``, ...) to tensors;
+    other entries are ignored.
+
+    Raises:
+        InvalidCheckpoint: unknown quant type, missing stats tensors, or stats inconsistent with the JSON state.
+    """
+    key, qt = _state_key(tensors, weight_name)
+    state = _read_state_json(tensors, key, weight_name)
+    packed = _require(tensors, weight_name, weight_name)
+    absmax = _require(tensors, weight_name + ".absmax", weight_name)
+    qmap = _require(tensors, weight_name + ".quant_map", weight_name)
+    try:
+        if state["quant_type"] != qt:
+            raise InvalidCheckpoint(f"{key} says quant_type {state['quant_type']!r}; the checkpoint is corrupt")
+        blocksize = int(state["blocksize"])
+        dtype_name = str(state["dtype"])
+        shape = tuple(int(s) for s in state["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidCheckpoint(f"{key} lacks or mangles a field ({e}); the checkpoint is corrupt") from None
+    if blocksize not in VALID_BLOCKSIZES:
+        raise InvalidCheckpoint(f"{key}: block size {blocksize} is not one bitsandbytes supports {VALID_BLOCKSIZES}")
+    if dtype_name not in _FLOAT_DTYPES:
+        raise InvalidCheckpoint(f"{key}: dtype {dtype_name!r} is not one of {sorted(_FLOAT_DTYPES)}")
+    nested = "nested_blocksize" in state or "nested_offset" in state
+    nested_bs: int | None = None
+    if nested:
+        try:
+            nested_bs = int(state["nested_blocksize"])
+            float(state["nested_offset"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidCheckpoint(f"{key}: bad double-quantization fields ({e}); the checkpoint is corrupt") from None
+        _require(tensors, weight_name + ".nested_absmax", weight_name)
+        if _require(tensors, weight_name + ".nested_quant_map", weight_name).numel() != 256:
+            raise InvalidCheckpoint(f"{weight_name}.nested_quant_map must hold 256 values; the checkpoint is corrupt")
+    elif weight_name + ".nested_absmax" in tensors:
+        raise InvalidCheckpoint(f"{weight_name} has nested_absmax but its quant state is not nested; it is corrupt")
+    spec = QuantSpec(qt, blocksize, nested, nested_bs, _FLOAT_DTYPES[dtype_name], shape, packed.dtype)
+    if packed.numel() * packed.element_size() != -(-spec.numel // 2):
+        raise InvalidCheckpoint(
+            f"{weight_name} holds {packed.numel() * packed.element_size()} packed bytes but shape {shape} "
+            f"needs {-(-spec.numel // 2)}; the checkpoint is corrupt"
+        )
+    want = torch.uint8 if nested else torch.float32
+    if absmax.numel() != spec.num_blocks or absmax.dtype != want:
+        raise InvalidCheckpoint(
+            f"{weight_name}.absmax is {absmax.dtype} [{absmax.numel()}], expected {want} [{spec.num_blocks}]; "
+            "the checkpoint is corrupt"
+        )
+    if qmap.numel() != 16:
+        raise InvalidCheckpoint(f"{weight_name}.quant_map must hold 16 values; the checkpoint is corrupt")
+    return spec
+
+
+def dequantize(tensors: dict[str, torch.Tensor], weight_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight (shape ``spec.shape``) of a 4-bit weight, computed by bitsandbytes.
+
+    The values are computed in float32 (``quant_map[code] * absmax``) and then cast to ``dtype``; with ``dtype``
+    equal to the recorded dtype this is exactly what ``bitsandbytes.functional.dequantize_4bit`` returns.
+    The float32 result re-quantizes to the same codes (see :func:`quantize`).
+
+    Raises:
+        InvalidCheckpoint: see :func:`read_spec`.
+    """
+    import bitsandbytes.functional as bnbf
+
+    spec = read_spec(tensors, weight_name)
+    prefix = weight_name + "."
+    qs_dict = {
+        k[len(prefix) :]: v
+        for k, v in tensors.items()
+        if k.startswith(prefix) and (k[len(prefix) - 1 :] in STAT_SUFFIXES or STATE_MARKER in k[len(prefix) - 1 :])
+    }
+    packed = tensors[weight_name]
+    try:
+        state = bnbf.QuantState.from_dict(qs_dict, device=packed.device)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise InvalidCheckpoint(f"bitsandbytes cannot read the quant state of {weight_name} ({e!r})") from None
+    state.dtype = torch.float32  # exact code * absmax; cast below
+    codes = packed.reshape(-1).view(torch.uint8).reshape(-1, 1)
+    out = bnbf.dequantize_4bit(codes, state).reshape(-1)
+    if spec.quant_type == "fp4" and spec.shape[-1] % 2:
+        # bnb's fallback kernel for an odd last dimension reads FP4 code 8 (-0) as +0.0; restore the sign so
+        # that the result re-quantizes to the same codes
+        nib = torch.stack([codes.reshape(-1) >> 4, codes.reshape(-1) & 15], dim=1).reshape(-1)[: spec.numel]
+        out = torch.where(nib == 8, torch.tensor(-0.0, device=out.device), out)
+    return out.reshape(spec.shape).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- quantizing
+
+
+@functools.cache
+def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The code book, the midpoints between its sorted values, and sorted position -> code index."""
+    import bitsandbytes.functional as bnbf
+
+    code = bnbf.get_4bit_type(quant_type, device=device).float()
+    order = torch.argsort(code, stable=True)  # FP4 holds +0 (index 0) and -0 (index 8): 0 sorts first
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    return code, bounds, order.to(torch.uint8)
+
+
+def _encode(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Nearest code index (uint8) for values in [-1, 1], ties to the lower value, as bitsandbytes does.
+
+    One deliberate difference: for FP4 an exact ``-0.0`` gets code 8 (-0) instead of 0, so that dequantized
+    weights (where code 8 reads back as -0.0) re-quantize to the same bits; bitsandbytes itself sends tiny
+    positive values to code 8 and tiny negative ones to code 0, and exact zeros of either sign to 0.
+    """
+    code, bounds, order = _tables(quant_type, scaled.device)
+    q = order[torch.bucketize(scaled, bounds, out_int32=True)]
+    if quant_type == "fp4":
+        q = torch.where((scaled == 0) & torch.signbit(scaled), torch.tensor(8, dtype=torch.uint8), q)
+    return q
+
+
+def _normalize(wb: torch.Tensor, scale: torch.Tensor, rem: int) -> torch.Tensor:
+    """wb / scale per block, clamped to [-1, 1], with bitsandbytes' exact float operations.
+
+    ``rem`` is the length of the last, partial block of the whole weight (0 if none) when ``wb`` ends with it.
+    """
+    s = scale.clamp(min=1e-38)
+    out = wb * (1.0 / s).unsqueeze(1)
+    if rem:
+        out[-1] = wb[-1] / s[-1]  # bnb divides the tail block instead of multiplying by the reciprocal
+    return out.clamp_(-1, 1)
+
+
+def _blocks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Weight as float32 [blocks, blocksize] (zero padded), the tail length, and bnb's absmax per block."""
+    w = weight.reshape(-1).float()
+    n = w.numel()
+    rem = n % blocksize
+    if rem:
+        w = torch.nn.functional.pad(w, (0, blocksize - rem))
+    wb = w.view(-1, blocksize)
+    absmax = wb.abs().amax(dim=1)
+    if rem:
+        absmax[-1] = absmax[-1].clamp(min=1e-38)  # bnb stores the tail block's absmax clamped
+    return wb, rem, absmax
+
+
+def _pack(q: torch.Tensor, n: int, quant_type: str, storage: torch.dtype) -> torch.Tensor:
+    """Pack codes (uint8, >= n values, first n used) two per byte, high nibble first, as bnb's [bytes, 1] tensor."""
+    q = q.reshape(-1)[:n]
+    if n % 2:
+        q = torch.cat([q, _encode(torch.zeros(1, device=q.device), quant_type)])
+    packed = (q[0::2] << 4) | q[1::2]
+    if storage != torch.uint8:
+        packed = packed.view(storage)
+    return packed.unsqueeze(1).contiguous()
+
+
+def _check_spec(weight: torch.Tensor, spec: QuantSpec, weight_name: str) -> None:
+    if spec.quant_type not in QUANT_TYPES:
+        raise InvalidCheckpoint(f"{weight_name}: quant type {spec.quant_type!r} is not one of {QUANT_TYPES}")
+    if spec.blocksize not in VALID_BLOCKSIZES:
+        raise InvalidCheckpoint(f"{weight_name}: block size {spec.blocksize} is not one of {VALID_BLOCKSIZES}")
+    if tuple(weight.shape) != tuple(spec.shape):
+        raise InvalidCheckpoint(
+            f"{weight_name}: new weight has shape {tuple(weight.shape)} but its quant state records {tuple(spec.shape)}"
+        )
+    if not weight.is_floating_point():
+        raise InvalidCheckpoint(f"{weight_name}: cannot 4-bit quantize a {weight.dtype} tensor; pass the dense weight")
+
+
+def _serialize(
+    weight_name: str,
+    spec: QuantSpec,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The safetensors entries, built by bnb's own ``QuantState.as_dict(packed=True)``."""
+    import bitsandbytes.functional as bnbf
+
+    code, _, _ = _tables(spec.quant_type, packed.device)
+    state2 = None
+    if spec.double_quant:
+        assert nested_absmax is not None and nested_code is not None and offset is not None
+        state2 = bnbf.QuantState(
+            absmax=nested_absmax,
+            code=nested_code,
+            blocksize=spec.nested_blocksize or DEFAULT_NESTED_BLOCKSIZE,
+            dtype=torch.float32,
+        )
+    state = bnbf.QuantState(
+        absmax=absmax,
+        shape=torch.Size(spec.shape),
+        code=code.clone(),
+        blocksize=spec.blocksize,
+        quant_type=spec.quant_type,
+        dtype=spec.dtype,
+        offset=offset,
+        state2=state2,
+    )
+    out = {weight_name: packed}
+    for k, v in state.as_dict(packed=True).items():
+        out[f"{weight_name}.{k}"] = v.detach().clone().contiguous()
+    return out
+
+
+def _block_sq_errors(wb: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error per block of codes ``q`` (code indices) with per-block ``scale``."""
+    err = torch.empty(wb.shape[0], dtype=torch.float32, device=wb.device)
+    chunk = max(1, _CHUNK_ELEMENTS // wb.shape[1])
+    for lo in range(0, wb.shape[0], chunk):
+        r = code[q[lo : lo + chunk].long()].mul_(scale[lo : lo + chunk].unsqueeze(1)).sub_(wb[lo : lo + chunk])
+        err[lo : lo + chunk] = r.square_().sum(dim=1)
+    return err
+
+
+def _nearest_8bit(x: torch.Tensor, code8: torch.Tensor) -> torch.Tensor:
+    """Nearest entry (uint8 index) of a sorted 256-value map for values in [-1, 1]."""
+    bounds = (code8[:-1] + code8[1:]) / 2
+    return torch.bucketize(x.clamp(-1, 1), bounds, out_int32=True).to(torch.uint8)
+
+
+def quantize(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    weight_name: str,
+    optimize_scales: bool = False,
+    *,
+    scale_grid: Sequence[float] | None = None,
+    refine_steps: int = 2,
+) -> dict[str, torch.Tensor]:
+    """Quantize a dense weight the way ``spec`` says; returns the safetensors entries transformers writes.
+
+    The plain path is bitsandbytes' ``quantize_4bit`` (bit for bit; on the CPU backend), except that an exact
+    ``-0.0`` becomes FP4 code 8, so ``quantize(dequantize(t))`` reproduces ``t``'s packed codes. The weight is
+    quantized from its float32 values whatever ``spec.dtype`` says; ``spec.dtype`` is only recorded. Outputs
+    are on ``weight.device``.
+
+    With ``optimize_scales`` each block's stored scale is chosen to minimise that block's squared
+    reconstruction error, measured after every rounding the format applies (see :func:`quantize_with_report`).
+    The result is never worse than the plain path, block by block.
+
+    Raises:
+        InvalidCheckpoint: the weight's shape differs from ``spec.shape``, or the spec is invalid.
+    """
+    out, _ = quantize_with_report(
+        weight, spec, weight_name, optimize_scales, scale_grid=scale_grid, refine_steps=refine_steps, measure=False
+    )
+    return out
+
+
+def quantize_with_report(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    weight_name: str,
+    optimize_scales: bool = True,
+    *,
+    scale_grid: Sequence[float] | None = None,
+    refine_steps: int = 2,
+    measure: bool = True,
+) -> tuple[dict[str, torch.Tensor], QuantReport | None]:
+    """:func:`quantize`, also returning the measured errors of the plain and the returned quantization.
+
+    Scale search (``optimize_scales``), per block of ``blocksize`` values ``w`` with plain scale ``a = max|w|``:
+
+    1. candidates: the plain result itself, ``s = c * a`` for ``c`` in ``scale_grid`` (default 0.700, 0.725,
+       ..., 1.050), then ``refine_steps`` least-squares rescalings ``s = <w, q> / <q, q>`` of the best codes ``q``;
+    2. each candidate scale goes through the storage rounding: with double quantization it is encoded as the
+       nearest 8-bit code of ``(s - offset) / nested_absmax`` (``offset`` and ``nested_absmax`` fixed to the
+       plain path's, so every block can choose independently) and decoded again;
+    3. codes are the nearest code book entries of ``w / s_stored``, the error is ``||w - code * s_stored||^2``;
+    4. the best candidate per block is kept (the plain result is a candidate, so no block gets worse).
+
+    Returns:
+        (tensors, report); report is None when neither ``optimize_scales`` nor ``measure`` is asked.
+    """
+    import bitsandbytes.functional as bnbf
+
+    _check_spec(weight, spec, weight_name)
+    qt, bs, dev = spec.quant_type, spec.blocksize, weight.device
+    n = spec.numel
+    code, _, _ = _tables(qt, dev)
+    wb, rem, absmax = _blocks(weight.detach(), bs)
+    nb = wb.shape[0]
+    if not bool(torch.isfinite(absmax).all()):
+        raise NumericalError(f"{weight_name}: the weight to quantize holds NaN or Inf; check the merge inputs")
+
+    # plain path: codes from the float32 absmax, then (double quantization) absmax to 8 bits, as bnb does
+    q = _encode(_normalize(wb, absmax, rem), qt)
+    offset = nested_absmax = nested_code = None
+    if spec.double_quant:
+        nbs = spec.nested_blocksize or DEFAULT_NESTED_BLOCKSIZE
+        offset = absmax.mean()
+        stored, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=nbs)
+        nested_absmax, nested_code = state2.absmax, state2.code
+        nested_per_block = nested_absmax.repeat_interleave(nbs)[:nb]
+        scale = bnbf.dequantize_blockwise(stored, state2) + offset
+    else:
+        stored, scale, nested_per_block = absmax, absmax, None
+
+    report = None
+    if optimize_scales or measure:
+        target_sq = float(wb.double().square().sum())
+        plain_err = _block_sq_errors(wb, q, scale, code)
+        report = QuantReport(target_sq, float(plain_err.double().sum()), float(plain_err.double().sum()), nb, 0)
+
+    if optimize_scales:
+        assert report is not None
+        grid = tuple(DEFAULT_SCALE_GRID if scale_grid is None else scale_grid)
+        q, new_stored, err = _search_scales(
+            wb, absmax, q, stored, scale, plain_err, spec, offset, nested_per_block, nested_code, grid, refine_steps
+        )
+        report.sq_error = float(err.double().sum())
+        report.blocks_changed = int((new_stored != stored).sum())
+        stored = new_stored
+
+    packed = _pack(q, n, qt, spec.quant_storage)
+    out = _serialize(weight_name, spec, packed, stored, offset, nested_absmax, nested_code)
+    return out, report
+
+
+@dataclass
+class _ChunkSearch:
+    """Best-so-far state of the scale search on a chunk of blocks; codes as positions in the sorted code book."""
+
+    w: torch.Tensor  # [blocks, blocksize] float32
+    bounds: torch.Tensor  # midpoints of the sorted code book
+    sorted_code: torch.Tensor
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (offset, nested absmax per block, 8-bit map)
+    err: torch.Tensor  # [blocks] squared error of the best candidate
+    pos: torch.Tensor  # [blocks, blocksize] uint8 sorted-code positions of the best candidate
+    stored: torch.Tensor  # [blocks] stored scale (float32, or uint8 code with double quantization)
+    scale: torch.Tensor  # [blocks] the scale dequantization sees
+
+    def storage_round(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate scales -> (what is stored, the scale dequantization will see)."""
+        if self.nested is None:
+            return s, s
+        offset, na, code8 = self.nested
+        q8 = _nearest_8bit((s - offset) * (1.0 / na.clamp(min=1e-38)), code8)
+        return q8, code8[q8.long()] * na + offset
+
+    def consider(self, s: torch.Tensor) -> None:
+        """Evaluate one candidate scale per block (after storage rounding) and keep it where it is better."""
+        st, s_eff = self.storage_round(s)
+        pos = torch.bucketize(self.w * (1.0 / s_eff.clamp(min=1e-38)).unsqueeze(1), self.bounds, out_int32=True)
+        r = self.sorted_code[pos].mul_(s_eff.unsqueeze(1)).sub_(self.w)
+        err = r.square_().sum(dim=1)
+        better = err < self.err
+        self.err[better] = err[better]
+        self.pos[better] = pos[better].to(torch.uint8)
+        self.stored[better] = st[better]
+        self.scale[better] = s_eff[better]
+
+    def least_squares_scales(self) -> torch.Tensor:
+        """The scale minimising each block's error for its current best codes."""
+        cq = self.sorted_code[self.pos.long()]
+        den = (cq * cq).sum(dim=1)
+        ls = (self.w * cq).sum(dim=1) / den.clamp(min=1e-30)
+        return torch.where(den > 0, ls.abs(), self.scale)
+
+
+def _search_scales(
+    wb: torch.Tensor,
+    absmax: torch.Tensor,
+    q: torch.Tensor,
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    plain_err: torch.Tensor,
+    spec: QuantSpec,
+    offset: torch.Tensor | None,
+    nested_per_block: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    grid: tuple[float, ...],
+    refine_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block, the candidate scale with the least squared error after storage rounding (see quantize_with_report).
+
+    Starts from the plain result (codes ``q``, stored scales ``stored`` decoding to ``scale``, errors ``plain_err``)
+    and returns improved (codes, stored scales, errors). Works on chunks of blocks to bound memory; codes are
+    tracked as positions in the sorted code book during the search and mapped back at the end.
+    """
+    code, bounds, order = _tables(spec.quant_type, wb.device)
+    order_l = order.long()
+    sorted_code = code[order_l]
+    inv_order = torch.argsort(order_l).to(torch.uint8)
+    q_out, stored_out, err_out = q.clone(), stored.clone(), plain_err.clone()
+    chunk = max(1, _CHUNK_ELEMENTS // spec.blocksize)
+    for lo in range(0, wb.shape[0], chunk):
+        hi = min(wb.shape[0], lo + chunk)
+        nested = None
+        if nested_per_block is not None and nested_code is not None and offset is not None:
+            nested = (offset, nested_per_block[lo:hi], nested_code)
+        # views into the outputs: the search updates them in place
+        search = _ChunkSearch(
+            wb[lo:hi], bounds, sorted_code, nested, err_out[lo:hi], inv_order[q[lo:hi].long()], stored_out[lo:hi],
+            scale[lo:hi].clone(),
+        )  # fmt: skip
+        for c in grid:
+            search.consider(absmax[lo:hi] * c)
+        for _ in range(refine_steps):
+            search.consider(search.least_squares_scales())
+        qc = order[search.pos.long()]
+        if spec.quant_type == "fp4":  # keep the sign of exact zeros as _encode does
+            w_c = wb[lo:hi]
+            qc = torch.where((w_c == 0) & torch.signbit(w_c), torch.tensor(8, dtype=torch.uint8), qc)
+        q_out[lo:hi] = qc
+    return q_out, stored_out, err_out
+
+
+def quant_error(w_target: torch.Tensor, tensors_out: dict[str, torch.Tensor], weight_name: str) -> float:
+    """Relative Frobenius error ``||dequantize(out) - w|| / ||w||`` (absolute error if ``w`` is zero)."""
+    w = w_target.detach().float().reshape(-1)
+    d = dequantize(tensors_out, weight_name, torch.float32).reshape(-1).to(w.device)
+    err = float((d.double() - w.double()).norm())
+    ref = float(w.double().norm())
+    return err / ref if ref > 0 else err
