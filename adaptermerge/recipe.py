@@ -66,8 +66,9 @@ def combine_recipe(result: Adapter) -> dict[str, Any]:
     }
 
 
-def dump_recipe(recipe: dict[str, Any]) -> str:
-    head = "# adaptermerge recipe: replay with `adaptermerge combine --recipe THIS_FILE -o OUT`\n"
+def dump_recipe(recipe: dict[str, Any], operation: str = "combine") -> str:
+    """The recipe as YAML with a comment that says how to replay it."""
+    head = f"# adaptermerge recipe: replay with `adaptermerge {operation} --recipe THIS_FILE -o OUT`\n"
     return head + yaml.safe_dump(recipe, sort_keys=False)
 
 

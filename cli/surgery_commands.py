@@ -1,1 +1,134 @@
 """Model-surgery subcommands (merge, resize, extract)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from adaptermerge_cli.main import cli, emit
+
+
+def format_merge(d: dict[str, Any]) -> str:
+    mods = d["modules"]
+    lines = [f"wrote {d['output']} ({d['bytes_written'] / 1e6:.1f} MB of tensors), {len(mods)} modules merged"]
+    if mods:
+        lines.append(f"delta / weight norm: max {max(m['delta_rel_norm'] for m in mods):.4g}")
+    q = [m for m in mods if m.get("requant_rel_error") is not None]
+    if q:
+        lines.append(
+            f"4-bit: re-quantization error vs W + delta max {max(m['requant_rel_error'] for m in q):.4f} "
+            + (
+                f"(plain absmax scales: {max(m['plain_requant_rel_error'] for m in q if m.get('plain_requant_rel_error') is not None):.4f})"
+                if any(m.get("plain_requant_rel_error") is not None for m in q)
+                else ""
+            )
+        )
+        surv = [m["delta_survival"] for m in q if m.get("delta_survival") is not None]
+        if surv:
+            lines.append(
+                f"4-bit: delta carried by the stored weights: mean {sum(surv) / len(surv):.2f}, min {min(surv):.2f}"
+            )
+    lines += [f"warning: {w}" for w in d["warnings"]]
+    return "\n".join(lines)
+
+
+@cli.command("merge")
+@click.argument("base", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--weights",
+    "weights_s",
+    metavar="W [W ...]",
+    help="One weight per adapter (default: 1 for one adapter, equal otherwise).",
+)
+@click.option(
+    "--method",
+    default="linear",
+    show_default=True,
+    help="How several adapters combine (see 'adaptermerge combine --help').",
+)
+@click.option("--rank", type=click.IntRange(min=1), help="Rank for --method svd.")
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), help="Energy for --method svd.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Convert floating tensors (default: keep)."
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "fp4"]),
+    help="Write a 4-bit checkpoint of the merged weights (16-bit base).",
+)
+@click.option("--dequantize", is_flag=True, help="4-bit base: write a 16-bit checkpoint of dequant(W4) + delta.")
+@click.option(
+    "--optimize-scales",
+    is_flag=True,
+    help="4-bit: choose each block's scale to minimise the error of W + delta (slower; default: absmax scales like PEFT).",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a merge recipe.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge_cmd(
+    base: str | None,
+    adapters: tuple[str, ...],
+    weights_s: str | None,
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    dtype: str | None,
+    quantize: str | None,
+    dequantize: bool,
+    optimize_scales: bool,
+    device: str,
+    recipe_path: str | None,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Fold adapters into a base checkpoint (merge_and_unload without loading the model).
+
+    Streams tensor by tensor: memory stays at the largest tensor, whatever the model size. The output
+    has the base's tensor names, dtypes and sharding, its config and tokenizer files, a model card and a
+    recipe. 4-bit bitsandbytes bases are dequantized, merged and re-quantized per module, with the error
+    reported.
+
+    \b
+    Examples:
+      adaptermerge merge ./Llama-3-8B ./my-adapter -o ./merged
+      adaptermerge merge ./base ./math ./code --weights 0.7 0.3 -o ./merged
+      adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter -o ./merged-nf4
+      adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter --dequantize -o ./merged-bf16
+      adaptermerge merge ./Llama-3-8B ./my-adapter --quantize nf4 -o ./merged-nf4
+    """
+    from adaptermerge_cli.main import parse_floats
+
+    from adaptermerge.errors import UsageError
+    from adaptermerge.surgery.merge import merge_into_base
+
+    if recipe_path:
+        if base or adapters or weights_s or rank or energy or dtype or quantize or dequantize:
+            raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
+        from adaptermerge.surgery.card import load_merge_recipe
+
+        kwargs = load_merge_recipe(recipe_path)
+    else:
+        if not base or not adapters:
+            raise UsageError("give a base checkpoint folder and at least one adapter folder")
+        kwargs = dict(
+            base=base,
+            adapters=list(adapters),
+            weights=parse_floats(weights_s, "--weights"),
+            method=method,
+            rank=rank,
+            energy=energy,
+            dtype=dtype,
+            quantize=quantize,
+            dequantize=dequantize,
+        )
+    rep = merge_into_base(
+        **kwargs, out=output, optimize_scales=optimize_scales, device=device, overwrite=overwrite, progress=not quiet
+    )
+    d = rep.to_dict()
+    emit(d, as_json, format_merge(d))

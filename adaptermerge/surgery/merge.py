@@ -1,0 +1,325 @@
+"""Fold adapters into a base checkpoint, streaming tensor by tensor.
+
+``W' = W + delta`` in fp32, rounded once to the stored dtype; DoRA as PEFT merges it
+(``W' = m * (W + delta) / ||W + delta||_row``); GPT-2 ``Conv1D`` weights receive ``delta.T``;
+bitsandbytes 4-bit weights are dequantized, merged and re-quantized the same way. Peak memory is the
+largest tensor being merged (plus the adapter), never a shard or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptermerge.adapter import Adapter
+from adaptermerge.combination import combine, resolve_device, resolve_dtype
+from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, NumericalError, UsageError
+from adaptermerge.io.adapter import load_adapter
+from adaptermerge.io.atomic import atomic_dir, check_output_path
+from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_tensor
+from adaptermerge.lowrank import LowRank
+from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
+
+QUANT_CHOICES = ("nf4", "fp4")
+
+
+@dataclass
+class ModuleResult:
+    """Per-module figures of a merge."""
+
+    module: str
+    key: str
+    delta_rel_norm: float  # ||delta|| / ||W||
+    quant_type: str | None = None
+    requant_rel_error: float | None = None  # ||deq(out) - (W + delta)|| / ||W + delta||
+    delta_survival: float | None = None  # fraction of delta that survives: 1 - ||deq(out) - target|| / ||delta||
+    plain_requant_rel_error: float | None = None  # same with absmax scales (what PEFT's path gives)
+
+
+@dataclass
+class MergeReport:
+    output: str
+    modules: list[ModuleResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_adapter(
+    adapters: Sequence[Adapter | str | os.PathLike] | Adapter | str | os.PathLike,
+    weights: Sequence[float] | None,
+    method: str,
+    rank: int | None,
+    energy: float | None,
+) -> tuple[Adapter, list[Adapter]]:
+    if isinstance(adapters, (Adapter, str, os.PathLike)):
+        adapters = [adapters]
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    if len(loaded) == 1 and weights is None and method == "linear" and rank is None and energy is None:
+        return loaded[0], loaded
+    # linear in merge = exact sum: 'cat' gives it without any decomposition (the delta is formed densely per module)
+    m = "cat" if method == "linear" and rank is None and energy is None else method
+    return combine(loaded, weights, method=m, rank=rank, energy=energy), loaded
+
+
+def merge_into_base(
+    base: str | os.PathLike,
+    adapters: Sequence[Adapter | str | os.PathLike] | Adapter | str | os.PathLike,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    dequantize: bool = False,
+    optimize_scales: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeReport:
+    """Merge one or more adapters into a checkpoint folder and write a new checkpoint folder.
+
+    Args:
+        base: Hugging Face checkpoint folder (``config.json`` + ``*.safetensors`` [+ index]); 16-bit, fp32,
+            or bitsandbytes 4-bit (NF4/FP4) as transformers saves it.
+        adapters: one or several adapter folders or :class:`Adapter` objects.
+        out: output folder: same tensor names, dtypes and sharding; non-weight files copied; model card
+            and recipe added. Written atomically.
+        weights, method, rank, energy: how several adapters are combined (see :func:`adaptermerge.combine`);
+            ``linear`` is the exact weighted sum, formed per module.
+        dtype: convert every floating tensor to ``float32``/``bfloat16``/``float16`` (default: keep).
+        quantize: ``nf4``/``fp4`` to write a 4-bit checkpoint of the merged weights (16-bit bases).
+        dequantize: on a 4-bit base, write a 16-bit checkpoint of ``dequant(W4) + delta``.
+        optimize_scales: when (re-)quantizing, choose each block's scale to minimise the error of
+            ``W + delta`` (never worse than absmax scaling; about 7% lower error, about 10x slower on CPU).
+        device: where the per-module arithmetic runs.
+        overwrite: replace a non-empty output folder.
+        progress: show a progress bar (bytes and modules).
+
+    Returns:
+        A :class:`MergeReport` with per-module figures (relative delta size; for 4-bit, requantization
+        error and how much of the delta survives).
+
+    Example:
+        >>> import adaptermerge
+        >>> adaptermerge.merge_into_base("Llama-3-8B", "my-adapter", "merged")  # doctest: +SKIP
+    """
+    base_p = Path(base)
+    if not base_p.is_dir():
+        raise InvalidCheckpoint(f"{base_p} is not a folder; pass a Hugging Face checkpoint folder")
+    adapter_paths = [
+        a for a in (adapters if isinstance(adapters, (list, tuple)) else [adapters]) if not isinstance(a, Adapter)
+    ]
+    out_p = check_output_path(out, [base_p, *adapter_paths], overwrite=overwrite)
+    if quantize is not None and quantize not in QUANT_CHOICES:
+        raise UsageError(f"--quantize must be one of {', '.join(QUANT_CHOICES)}")
+    dev = resolve_device(device)
+    out_dtype = resolve_dtype(dtype)
+    ckpt = open_checkpoint(base_p)
+    adapter, loaded = _as_adapter(adapters, weights, method, rank, energy)
+
+    from adaptermerge.surgery import quant
+
+    groups, specs = quant.checkpoint_groups(ckpt)
+    if groups and quantize:
+        raise UsageError(
+            "the base is already 4-bit; --quantize applies to 16-bit bases (it re-quantizes 4-bit ones anyway)"
+        )
+    if dequantize and not groups:
+        raise UsageError("--dequantize needs a 4-bit (bitsandbytes) base")
+    if out_dtype is None and dequantize:
+        out_dtype = specs_dtype(specs)
+    plan = plan_merge(
+        ckpt,
+        adapter,
+        out_dtype=TORCH_TO_ST[out_dtype] if out_dtype is not None else None,
+        quantized_members=groups,
+        quant_specs={k: (s.shape, s.quant_type) for k, s in specs.items()},
+    )
+    report = MergeReport(output=str(out_p), warnings=list(adapter.warnings) + plan.warnings)
+    copy_files, skipped = non_weight_files(base_p, ckpt.shards)
+    if skipped:
+        report.warnings.append(
+            f"skipped pickle files {skipped} (never loaded or copied; the merged weights are in safetensors)"
+        )
+
+    executor = _Executor(ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report)
+    executor.out_dtype = out_dtype
+    with atomic_dir(out_p, overwrite=overwrite) as tmp:
+        out_plan = executor.output_plan()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=sum(s.nbytes for s in out_plan), unit="B", unit_scale=True, desc="merging",
+            disable=not (progress and sys.stderr.isatty()),
+        )  # fmt: skip
+        executor.bar = bar
+        for shard in out_plan:
+            executor.write_shard(tmp / shard.file, shard)
+        bar.close()
+        report.bytes_written = sum(s.nbytes for s in out_plan)
+        for f in copy_files:
+            shutil.copy2(f, tmp / f.name)
+        _write_config(tmp, ckpt, out_dtype, quantize, dequantize, specs, executor)
+        if len(ckpt.shards) > 1 or (base_p / INDEX_NAME).is_file():
+            _write_index(tmp, ckpt, out_plan)
+        from adaptermerge.surgery.card import merge_card, merge_recipe
+
+        recipe = merge_recipe(base_p, loaded, adapter, weights, method, rank, energy, out_dtype, quantize, dequantize)
+        (tmp / "README.md").write_text(merge_card(ckpt, adapter, report, recipe), encoding="utf-8")
+        from adaptermerge.recipe import dump_recipe
+
+        (tmp / "adaptermerge_recipe.yaml").write_text(dump_recipe(recipe, "merge"), encoding="utf-8")
+    quant.warn_lost_deltas(report)
+    return report
+
+
+def specs_dtype(specs: dict[str, Any]) -> torch.dtype:
+    dts = {s.dtype for s in specs.values()}
+    return dts.pop() if len(dts) == 1 else torch.bfloat16
+
+
+class _Executor:
+    """Runs a plan: reads, computes and writes each output tensor in planned order."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        adapter: Adapter,
+        plan: MergePlan,
+        dev: torch.device,
+        groups,
+        specs,
+        quantize,
+        dequantize,
+        optimize,
+        report,
+    ):
+        self.ckpt, self.adapter, self.plan, self.dev = ckpt, adapter, plan, dev
+        self.groups, self.specs = groups, specs
+        self.quantize, self.dequantize, self.optimize = quantize, dequantize, optimize
+        self.report = report
+        self.bar = None
+        self.handles: dict[str, Any] = {}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # 4-bit group -> computed member tensors
+        self.key_to_module = {v[len(plan.rename[1]) :]: m for m, v in plan.modules.items()}
+        from adaptermerge.surgery import quant
+
+        self.quant = quant
+        self.new_quant: dict[str, Any] = {}
+
+    def output_plan(self) -> list[ShardPlan]:
+        """The plan with 4-bit changes applied (new tensors for --quantize, dense tensors for --dequantize)."""
+        return self.quant.adjust_plan(self)
+
+    def fh(self, f: str):
+        if f not in self.handles:
+            self.handles[f] = open(self.ckpt.path / f, "rb")  # noqa: SIM115 - closed at the end
+        return self.handles[f]
+
+    def read(self, key: str) -> torch.Tensor:
+        f = self.ckpt.weight_map[key]
+        return read_tensor(self.fh(f), self.ckpt.info(key))
+
+    def merged_weight(self, module: str, w: torch.Tensor) -> torch.Tensor:
+        """``W + delta`` (DoRA-normalised where the adapter has a magnitude), fp32, stored layout."""
+        lr: LowRank = self.adapter.modules[module]
+        w32 = w.to(self.dev, torch.float32)
+        wc = w32.T if lr.layout == "conv1d" else w32
+        delta = lr.B.to(self.dev, torch.float32) @ lr.A.to(self.dev, torch.float32)
+        new = wc + delta
+        if lr.magnitude is not None:
+            norm = torch.linalg.norm(new, dim=1)
+            new = (lr.magnitude.to(self.dev, torch.float32) / norm).unsqueeze(1) * new
+        if not bool(torch.isfinite(new).all()):
+            raise NumericalError(f"module {module}: the merged weight has NaN or Inf; nothing was written")
+        wn = float(wc.norm())
+        self.last = ModuleResult(module, self.plan.modules[module], float(delta.norm()) / wn if wn else float("inf"))
+        return new.T if lr.layout == "conv1d" else new
+
+    def write_shard(self, path: Path, shard: ShardPlan) -> None:
+        writer = ShardWriter(path, [j.out for j in shard.jobs], shard.metadata)
+        try:
+            for job in shard.jobs:
+                self._write_job(writer, job)
+                if self.bar is not None:
+                    self.bar.update(job.out.nbytes)
+        finally:
+            for h in self.handles.values():
+                h.close()
+            self.handles.clear()
+        writer.close()
+
+    def _write_job(self, writer: ShardWriter, job) -> None:
+        name, want = job.out.name, ST_TO_TORCH[job.out.dtype]
+        if job.action == "copy":
+            writer.copy_tensor(name, self.fh(job.src_file), job.src)
+        elif job.action == "convert":
+            writer.write_tensor(name, self.read_src(job).to(want))
+        elif job.action == "merge":
+            new = self.merged_weight(job.module, self.read_src(job))
+            self.report.modules.append(self.last)
+            writer.write_tensor(name, new.to("cpu", want))
+        elif job.action == "bias":
+            b = self.read_src(job).to(torch.float32) + self.adapter.modules[job.module].bias.to(torch.float32)
+            writer.write_tensor(name, b.to(want))
+        elif job.action in ("replace", "add"):
+            writer.write_tensor(name, self.adapter.extra_tensors[job.extra_key].to(want))
+        elif job.action in ("quant", "dequant", "newquant"):
+            writer.write_tensor(name, self.quant.member_tensor(self, job).to(want))
+        else:  # pragma: no cover - planner bug
+            raise RuntimeError(f"unknown job action {job.action}")
+
+    def read_src(self, job) -> torch.Tensor:
+        return read_tensor(self.fh(job.src_file), job.src)
+
+
+def _write_config(tmp: Path, ckpt: Checkpoint, out_dtype, quantize, dequantize, specs, executor) -> None:
+    cfg_path = tmp / "config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if out_dtype is not None:
+        name = str(out_dtype).replace("torch.", "")
+        for k in ("torch_dtype", "dtype"):
+            if k in cfg or k == "dtype":
+                cfg[k] = name
+    if dequantize:
+        cfg.pop("quantization_config", None)
+    if quantize:
+        cfg["quantization_config"] = executor.quant.quantization_config(quantize, executor)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_index(tmp: Path, ckpt: Checkpoint, shards: list[ShardPlan]) -> None:
+    meta = dict(ckpt.index_metadata)
+    meta["total_size"] = sum(s.nbytes for s in shards)
+    weight_map = {j.out.name: s.file for s in shards for j in s.jobs}
+    (tmp / INDEX_NAME).write_text(
+        json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def check_adapter_fits(ckpt: Checkpoint, adapter: Adapter) -> None:
+    """Raise :class:`IncompatibleAdapters` if the adapter's modules or shapes are not in the checkpoint."""
+    from adaptermerge.surgery import quant
+
+    groups, specs = quant.checkpoint_groups(ckpt)
+    plan_merge(
+        ckpt, adapter, quantized_members=groups, quant_specs={k: (s.shape, s.quant_type) for k, s in specs.items()}
+    )
+
+
+__all__ = ["IncompatibleAdapters", "MergeReport", "ModuleResult", "check_adapter_fits", "merge_into_base"]
