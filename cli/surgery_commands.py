@@ -132,3 +132,119 @@ def merge_cmd(
     )
     d = rep.to_dict()
     emit(d, as_json, format_merge(d))
+
+
+def format_ranked(d: dict[str, Any]) -> str:
+    mods = d["modules"]
+    lines = [f"wrote {d['output']}: {len(mods)} modules, ranks {sorted({m['rank'] for m in mods})}"]
+    if mods:
+        ke = [m["kept_energy"] for m in mods]
+        lines.append(f"kept energy: lowest {min(ke):.6f}, mean {sum(ke) / len(ke):.6f}")
+    gaps = [m["energy_gap_estimate"] for m in mods if m.get("energy_gap_estimate") is not None]
+    if gaps:
+        lines.append(
+            f"randomized SVD on {len(gaps)} modules: estimated kept-energy gap to the exact truncation at most {max(gaps):.2e}"
+        )
+    if d.get("modules_to_save"):
+        lines.append(f"modules_to_save: {len(d['modules_to_save'])} tensors copied in full")
+    lines += [f"warning: {w}" for w in d.get("warnings", [])]
+    return "\n".join(lines)
+
+
+@cli.command("resize")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.option("--rank", type=click.IntRange(min=1), help="Target rank per module (cap when --energy is given).")
+@click.option(
+    "--energy",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Keep the smallest rank holding this fraction of ||delta||_F^2.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: the input's)."
+)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
+def resize_cmd(
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    device: str,
+    dtype: str | None,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Re-rank one adapter by factored SVD (best rank-k per module, or by kept energy).
+
+    \b
+    Examples:
+      adaptermerge resize ./my-adapter --rank 16 -o ./my-adapter-r16
+      adaptermerge resize ./my-adapter --energy 0.95 --rank 64 -o ./my-adapter-small
+    """
+    from adaptermerge.combination import save_combined
+    from adaptermerge.io.atomic import check_output_path
+    from adaptermerge.surgery.resize import resize_adapter
+
+    check_output_path(output, [adapter], overwrite=overwrite)
+    result = resize_adapter(adapter, rank=rank, energy=energy, device=device, dtype=dtype)
+    out = save_combined(result, output, overwrite=overwrite)
+    d = {"output": str(out), "modules": result.provenance["modules"], "warnings": result.warnings}
+    emit(d, as_json, format_ranked(d))
+
+
+@cli.command("extract")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("tuned", type=click.Path(exists=True, file_okay=False))
+@click.option("--rank", type=click.IntRange(min=1), help="Rank per module (cap when --energy is given).")
+@click.option(
+    "--energy",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Smallest rank per module keeping this fraction of ||tuned - base||_F^2.",
+)
+@click.option(
+    "--skip-undecomposable",
+    is_flag=True,
+    help="Skip changed norms/biases instead of saving their modules in full (modules_to_save).",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Adapter dtype (default: the checkpoint's)."
+)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(
+    base: str, tuned: str, rank: int | None, energy: float | None, skip_undecomposable: bool, device: str,
+    dtype: str | None, output: str, overwrite: bool, as_json: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """Extract a LoRA adapter approximating a fully fine-tuned checkpoint (tuned - base per layer).
+
+    Streams both checkpoints; large modules use a randomized SVD with power iterations, and the report
+    estimates how far each is from the exact truncation.
+
+    \b
+    Examples:
+      adaptermerge extract ./Llama-3-8B ./Llama-3-8B-finetuned --rank 64 -o ./extracted
+      adaptermerge extract ./base ./tuned --energy 0.9 --rank 128 --skip-undecomposable -o ./extracted
+    """
+    from adaptermerge.combination import resolve_dtype
+    from adaptermerge.io.atomic import check_output_path
+    from adaptermerge.surgery.extract import extract_lora, save_extracted
+
+    check_output_path(output, [base, tuned], overwrite=overwrite)
+    adapter, report = extract_lora(
+        base,
+        tuned,
+        rank=rank,
+        energy=energy,
+        skip_undecomposable=skip_undecomposable,
+        device=device,
+        dtype=resolve_dtype(dtype),
+        progress=not quiet,
+    )
+    out = save_extracted(adapter, report, output, overwrite=overwrite)
+    d = {"output": str(out), **report.to_dict()}
+    emit(d, as_json, format_ranked(d))

@@ -68,27 +68,11 @@ def checkpoint_groups(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str,
 
 
 def _linear_weight_keys(ckpt: Checkpoint) -> set[str]:
-    """Keys of ``nn.Linear`` weights (not the output head), from the model class built on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Keys of ``nn.Linear`` weights (not the output head), as transformers quantizes them."""
+    from adaptermerge.surgery.arch import weight_layouts
 
-    try:
-        config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k not in ("transformers_version",)})
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001 - any failure means we cannot tell which weights are Linear
-        raise InvalidCheckpoint(
-            f"cannot tell which weights are Linear layers from {ckpt.path}/config.json ({e}); --quantize needs a causal-LM config"
-        ) from None
-    head = model.get_output_embeddings()
-    keys = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head:
-            keys.add(name + ".weight")
-    present = set(ckpt.weight_map)
-    if keys & present:
-        return keys & present
-    prefix = model.base_model_prefix + "."
-    return {k[len(prefix) :] for k in keys if k.startswith(prefix)} & present
+    layouts, head = weight_layouts(ckpt)
+    return {k for k, v in layouts.items() if v == "linear" and k != head}
 
 
 def new_spec(quant_type: str, shape: tuple[int, ...], dtype: torch.dtype) -> bnb4.QuantSpec:
