@@ -7,7 +7,8 @@ Run it with ``adaptermerge demo`` (or ``python -m adaptermerge.demo``). It
    one with rsLoRA) the way users' adapters look on disk;
 3. inspects one, combines both exactly (``linear``), re-ranks them (``svd``), and compares with
    PEFT's ``add_weighted_adapter``;
-4. checks that PEFT loads the combined adapter and its logits equal base + the weighted deltas.
+4. checks that PEFT loads the combined adapter and its logits equal base + the weighted deltas;
+5. folds the combined adapter into the base checkpoint (streamed) and checks the logits again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run_demo(workdir: str | os.PathLike | None = None, echo=click.echo) -> dict:
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg).eval()
 
-    echo(f"[1/4] tiny Llama base (hidden 128, 4 layers) -> {work / 'base'}")
+    echo(f"[1/5] tiny Llama base (hidden 128, 4 layers) -> {work / 'base'}")
     base_model().save_pretrained(work / "base", max_shard_size="500KB")
     specs = {
         "math": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
@@ -62,7 +63,7 @@ def run_demo(workdir: str | os.PathLike | None = None, echo=click.echo) -> dict:
                     p.mul_(0.05)
         paths[name] = work / f"adapter-{name}"
         pm.save_pretrained(paths[name])
-    echo(f"[2/4] two PEFT adapters: math (r=8, alpha=16) and code (r=16, rsLoRA) in {work}")
+    echo(f"[2/5] two PEFT adapters: math (r=8, alpha=16) and code (r=16, rsLoRA) in {work}")
     d = describe(paths["code"])
     echo(f"      inspect code: {d['num_modules']} modules, ranks {d['ranks']}, {d['num_parameters']:,} params")
 
@@ -73,7 +74,7 @@ def run_demo(workdir: str | os.PathLike | None = None, echo=click.echo) -> dict:
     out_svd = adaptermerge.save_combined(svd, work / "merged-svd-r8", overwrite=True)
     energy = min(r["kept_energy"] for r in svd.provenance["modules"])
     echo(
-        f"[3/4] combine 0.7*math + 0.3*code: linear (exact) -> {out_lin.name}; svd rank 8 -> {out_svd.name} (kept energy >= {energy:.3f})"
+        f"[3/5] combine 0.7*math + 0.3*code: linear (exact) -> {out_lin.name}; svd rank 8 -> {out_svd.name} (kept energy >= {energy:.3f})"
     )
 
     ids = torch.randint(3, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -101,11 +102,23 @@ def run_demo(workdir: str | os.PathLike | None = None, echo=click.echo) -> dict:
             mods[mname].weight += dlt.float()
         logit_err = float((ours(input_ids=ids).logits - base(input_ids=ids).logits).abs().max())
     echo(
-        f"[4/4] PEFT loads ours: max |logit diff| vs base + weighted deltas = {logit_err:.2e}; "
+        f"[4/5] PEFT loads ours: max |logit diff| vs base + weighted deltas = {logit_err:.2e}; "
         f"PEFT's own 'cat' on the same inputs (rsLoRA adapter first) is off by {max(peft_err):.2f} relative"
+    )
+    from transformers import AutoModelForCausalLM
+
+    from adaptermerge.surgery.merge import merge_into_base
+
+    rep = merge_into_base(work / "base", out_lin, work / "merged-model", overwrite=True)
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged-model").eval()
+    with torch.no_grad():
+        merge_err = float((merged(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max())
+    echo(
+        f"[5/5] merged into the base checkpoint ({len(rep.modules)} modules, streamed): max |logit diff| vs PEFT running base + adapter = {merge_err:.2e}"
     )
     echo(f"done. Outputs in {work}")
     return {
+        "merge_err": merge_err,
         "workdir": str(work),
         "logit_err": logit_err,
         "peft_cat_err": max(peft_err),

@@ -20,7 +20,9 @@ from tests.helpers import input_ids, make_adapter, peft_deltas, peft_model, rel_
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptermerge_cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "adaptermerge_cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_resize_matches_dense_truncation(tmp_path: Path) -> None:
@@ -70,7 +72,9 @@ def test_extract_recovers_known_low_rank_delta(tmp_path: Path) -> None:
 
 def test_extract_gpt2_conv1d_and_norms(tmp_path: Path) -> None:
     tiny_gpt2().save_pretrained(tmp_path / "base")
-    a = make_adapter(tmp_path / "a", tiny_gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    a = make_adapter(
+        tmp_path / "a", tiny_gpt2, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
     merge_into_base(tmp_path / "base", a, tmp_path / "tuned")
     # also change a LayerNorm: not decomposable
     sd = load_file(str(tmp_path / "tuned" / "model.safetensors"))
