@@ -21,9 +21,10 @@ from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import check_output_path
-from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank, split_factors
+from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
 from adaptermerge.methods.registry import get_method
 
+BATCH = 32  # modules per batched QR/SVD
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -208,7 +209,6 @@ def combine(
 
     module_names = sorted({m for a in loaded for m in a.modules}, key=_natural_key)
     params = {"device": dev, "compute_dtype": cdtype}
-    stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor | None] = {}
     layouts: dict[str, str] = {}
     input_ranks: dict[str, list[int]] = {}
@@ -218,37 +218,45 @@ def combine(
         terms_by_module[mod] = terms
         layouts[mod] = terms[0][1].layout
         input_ranks[mod] = [m.rank for _, m in terms]
-        stacked[mod] = spec.fn(terms, params)
         bs = [(wi, m.bias) for wi, m in terms if m.bias is not None]
         biases[mod] = sum(wi * b.to(dev, cdtype) for wi, b in bs) if bs else None
 
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     reports: dict[str, ModuleReport] = {}
     if spec.refactor == "none":
-        for mod, (b, a) in stacked.items():
+        for mod in module_names:
+            b, a = spec.fn(terms_by_module[mod], params)
             results[mod] = (b, a)
             reports[mod] = ModuleReport(mod, input_ranks[mod], int(a.shape[0]), 1.0)
     else:
+        # Batch modules whose stacked factors have equal shapes; build each chunk's stack just before
+        # its QR so that memory holds the inputs, the outputs and one chunk, not a second copy of all.
         groups: dict[tuple, list[str]] = defaultdict(list)
-        for mod, (b, a) in stacked.items():
-            groups[(tuple(b.shape), tuple(a.shape))].append(mod)
+        for mod in module_names:
+            m0 = terms_by_module[mod][0][1]
+            groups[(m0.B.shape[0], m0.A.shape[1], sum(input_ranks[mod]))].append(mod)
         bar = _progress(len(module_names), progress, "re-ranking modules")
-        for (bshape, _ashape), mods in groups.items():
-            fs = factored_svd(torch.stack([stacked[m][0] for m in mods]), torch.stack([stacked[m][1] for m in mods]))
-            big_r = bshape[1]
-            for i, mod in enumerate(mods):
-                s = fs.S[i]
-                if spec.refactor == "lossless" and rank is None and energy is None:
-                    k = numerical_rank(s, big_r)
-                else:
-                    k = rank if rank is not None else (max(input_ranks[mod]) if energy is None else big_r)
-                    if energy is not None:
-                        k = min(k, energy_rank(s, energy))
-                    k = min(k, s.numel())
-                b, a = split_factors(fs.U[i], s, fs.Vh[i], k)
-                results[mod] = (b, a)
-                reports[mod] = ModuleReport(mod, input_ranks[mod], k, kept_energy(s, k))
-                bar.update(1)
+        for mods in groups.values():
+            for c in range(0, len(mods), BATCH):
+                chunk = mods[c : c + BATCH]
+                stacks = [spec.fn(terms_by_module[m], params) for m in chunk]
+                fs = factored_svd(torch.stack([b for b, _ in stacks]), torch.stack([a for _, a in stacks]))
+                del stacks
+                for i, mod in enumerate(chunk):
+                    s = fs.S[i]
+                    big_r = sum(input_ranks[mod])
+                    if spec.refactor == "lossless" and rank is None and energy is None:
+                        k = numerical_rank(s, big_r)
+                    else:
+                        k = rank if rank is not None else (max(input_ranks[mod]) if energy is None else big_r)
+                        if energy is not None:
+                            k = min(k, energy_rank(s, energy))
+                        k = min(k, s.numel())
+                    b, a = fs.factors(k, i)
+                    results[mod] = (b, a)
+                    reports[mod] = ModuleReport(mod, input_ranks[mod], k, kept_energy(s, k))
+                    bar.update(1)
+                del fs
         bar.close()
 
     if spec.name == "factor-linear":

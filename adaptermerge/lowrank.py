@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -104,12 +104,35 @@ class LowRank:
 
 @dataclass
 class FactoredSVD:
-    """Thin SVD ``U diag(S) Vh`` of a sum of low-rank products (batched over leading dims)."""
+    """Thin SVD ``U diag(S) Vh`` of ``B @ A`` kept in factored form (batched over leading dims).
 
-    U: torch.Tensor
+    ``U = Qb @ Uc`` and ``Vh = Vhc @ Qa^T`` are formed on demand; :meth:`factors` forms only the kept
+    columns, so truncation never materialises the full-width ``U``/``Vh``.
+    """
+
+    Qb: torch.Tensor
+    Uc: torch.Tensor
     S: torch.Tensor
-    Vh: torch.Tensor
-    extra: dict = field(default_factory=dict)
+    Vhc: torch.Tensor
+    Qa: torch.Tensor
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.Qb @ self.Uc
+
+    @property
+    def Vh(self) -> torch.Tensor:
+        return self.Vhc @ self.Qa.transpose(-1, -2)
+
+    def factors(self, k: int, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-``k`` factors ``B = U_k S_k^½``, ``A = S_k^½ Vh_k`` (of batch item ``index`` if given)."""
+        qb, uc, s, vhc, qa = (self.Qb, self.Uc, self.S, self.Vhc, self.Qa)
+        if index is not None:
+            qb, uc, s, vhc, qa = qb[index], uc[index], s[index], vhc[index], qa[index]
+        root = torch.sqrt(s[..., :k])
+        B = qb @ (uc[..., :, :k] * root.unsqueeze(-2))
+        A = (root.unsqueeze(-1) * vhc[..., :k, :]) @ qa.transpose(-1, -2)
+        return B, A
 
 
 def stack_factors(
@@ -140,7 +163,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     qa, ra = torch.linalg.qr(A.transpose(-1, -2), mode="reduced")
     core = rb @ ra.transpose(-1, -2)
     uc, s, vhc = torch.linalg.svd(core, full_matrices=False)
-    return FactoredSVD(U=qb @ uc, S=s, Vh=vhc @ qa.transpose(-1, -2))
+    return FactoredSVD(Qb=qb, Uc=uc, S=s, Vhc=vhc, Qa=qa)
 
 
 def numerical_rank(S: torch.Tensor, size_hint: int) -> int:
@@ -171,11 +194,3 @@ def kept_energy(S: torch.Tensor, k: int) -> float:
     sq = S.double() ** 2
     total = float(sq.sum())
     return 1.0 if total == 0.0 else float(sq[:k].sum()) / total
-
-
-def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``k`` factors with the singular values split evenly: ``B = U_k S_k^½``, ``A = S_k^½ Vh_k``."""
-    root = torch.sqrt(S[..., :k])
-    B = U[..., :, :k] * root.unsqueeze(-2)
-    A = root.unsqueeze(-1) * Vh[..., :k, :]
-    return B, A

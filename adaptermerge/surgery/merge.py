@@ -256,6 +256,8 @@ class _Executor:
                 self._write_job(writer, job)
                 if self.bar is not None:
                     self.bar.update(job.out.nbytes)
+                    if job.action in ("merge", "quant", "newquant", "dequant") and job.module is not None:
+                        self.bar.set_postfix(modules=len(self.report.modules), refresh=False)
         finally:
             for h in self.handles.values():
                 h.close()
