@@ -337,3 +337,40 @@ def test_bad_quantize_choice(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="nf4"):
         merge_into_base(base, a, tmp_path / "out", quantize="int3")
     assert not (tmp_path / "out").exists()
+
+
+def test_killed_merge_leaves_no_output_folder(tmp_path: Path) -> None:
+    """SIGKILL in the middle of a merge: OUT never exists; only a hidden .OUT.partial-* folder may remain."""
+    import os
+    import signal
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import LLAMA_CFG
+
+    torch.manual_seed(0)
+    big = LlamaForCausalLM(LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6}))
+    big.save_pretrained(tmp_path / "base", max_shard_size="20MB")
+
+    def big_fn(seed: int = 0):
+        return LlamaForCausalLM(LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6}))
+
+    a = make_adapter(tmp_path / "a", big_fn, r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "adaptermerge_cli", "merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet"])
+    deadline = time.time() + 120
+    partial = []
+    while time.time() < deadline and proc.poll() is None:
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-") and any(p.glob("*.safetensors"))]
+        if partial:
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.skip("the merge finished before it could be interrupted")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial and not out.exists()
+    # the next run is not confused by the leftover partial folder
+    p = cli("merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet")
+    assert p.returncode == 0, p.stderr and out.is_dir()
