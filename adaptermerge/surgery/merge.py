@@ -9,6 +9,7 @@ largest tensor being merged (plus the adapter), never a shard or the model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -219,6 +220,8 @@ class _Executor:
 
         self.quant = quant
         self.new_quant: dict[str, Any] = {}
+        self.workspace: dict[tuple[int, ...], torch.Tensor] = {}
+        self.delta_norms: dict[str, float] = {}
 
     def output_plan(self) -> list[ShardPlan]:
         """The plan with 4-bit changes applied (new tensors for --quantize, dense tensors for --dequantize)."""
@@ -234,20 +237,37 @@ class _Executor:
         return read_tensor(self.fh(f), self.ckpt.info(key))
 
     def merged_weight(self, module: str, w: torch.Tensor) -> torch.Tensor:
-        """``W + delta`` (DoRA-normalised where the adapter has a magnitude), fp32, stored layout."""
+        """``W + delta`` (DoRA-normalised where the adapter has a magnitude), fp32, stored layout.
+
+        Works in one fp32 workspace per shape, reused across modules (``addmm_`` adds ``B @ A`` in
+        place), so a merge allocates no per-module dense temporaries. The result is valid until the
+        next call.
+        """
         lr: LowRank = self.adapter.modules[module]
-        w32 = w.to(self.dev, torch.float32)
-        wc = w32.T if lr.layout == "conv1d" else w32
-        delta = lr.B.to(self.dev, torch.float32) @ lr.A.to(self.dev, torch.float32)
-        new = wc + delta
-        if lr.magnitude is not None:
-            norm = torch.linalg.norm(new, dim=1)
-            new = (lr.magnitude.to(self.dev, torch.float32) / norm).unsqueeze(1) * new
-        if not bool(torch.isfinite(new).all()):
+        ws = self.workspace.get(tuple(w.shape))
+        if ws is None:
+            ws = self.workspace[tuple(w.shape)] = torch.empty(w.shape, dtype=torch.float32, device=self.dev)
+        ws.copy_(w)
+        wn = float(torch.linalg.vector_norm(ws))
+        a = lr.A.to(self.dev, torch.float32)
+        b = lr.B.to(self.dev, torch.float32)
+        if lr.layout == "conv1d":  # stored in x out: add (B @ A)^T = A^T @ B^T
+            ws.addmm_(a.T, b.T)
+        else:
+            ws.addmm_(b, a)
+        if lr.magnitude is not None:  # per output channel: rows of the canonical layout
+            dim = 0 if lr.layout == "conv1d" else 1
+            norm = torch.linalg.vector_norm(ws, dim=dim, keepdim=True)
+            mag = lr.magnitude.to(self.dev, torch.float32)
+            ws.mul_((mag.unsqueeze(0) if dim == 0 else mag.unsqueeze(1)) / norm)
+        lo, hi = torch.aminmax(ws)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise NumericalError(f"module {module}: the merged weight has NaN or Inf; nothing was written")
-        wn = float(wc.norm())
-        self.last = ModuleResult(module, self.plan.modules[module], float(delta.norm()) / wn if wn else float("inf"))
-        return new.T if lr.layout == "conv1d" else new
+        dn = self.delta_norms.get(module)
+        if dn is None:
+            dn = self.delta_norms[module] = lr.frobenius_norm()
+        self.last = ModuleResult(module, self.plan.modules[module], dn / wn if wn else float("inf"))
+        return ws
 
     def write_shard(self, path: Path, shard: ShardPlan) -> None:
         writer = ShardWriter(path, [j.out for j in shard.jobs], shard.metadata)
