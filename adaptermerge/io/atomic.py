@@ -44,8 +44,11 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         old = None
         if out_p.exists():
             old = out_p.parent / f".{out_p.name}.old-{os.getpid()}"

@@ -42,6 +42,24 @@ def read_tensor(fh: BinaryIO, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=ST_TO_TORCH[info.dtype]).reshape(info.shape)
 
 
+def read_rows(fh: BinaryIO, info: TensorInfo, r0: int, r1: int, buf: bytearray | None = None) -> torch.Tensor:
+    """Rows ``r0:r1`` of a 2-D tensor, read straight from the file (no other rows touched)."""
+    n = info.shape[1]
+    isz = DTYPE_SIZES[info.dtype]
+    nbytes = (r1 - r0) * n * isz
+    if buf is None or len(buf) < nbytes:
+        buf = bytearray(nbytes)
+    view = memoryview(buf)[:nbytes]
+    fh.seek(info.start + r0 * n * isz)
+    got = 0
+    while got < nbytes:
+        k = fh.readinto(view[got:])
+        if not k:
+            raise OSError(f"unexpected end of file reading {info.name}")
+        got += k
+    return torch.frombuffer(view, dtype=ST_TO_TORCH[info.dtype]).reshape(r1 - r0, n)
+
+
 def copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int) -> None:
     """Copy ``length`` bytes at ``start`` of ``src`` to the current position of ``dst`` (kernel copy where possible)."""
     dst.flush()
@@ -127,6 +145,20 @@ class ShardWriter:
         data = tensor.detach().contiguous().cpu()
         if data.numel():
             self.fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write one planned tensor as a sequence of row chunks (contiguous tensors of its dtype)."""
+        t = self._next(name)
+        want = ST_TO_TORCH[t.dtype]
+        done = 0
+        for c in chunks:
+            if c.dtype != want:
+                raise RuntimeError(f"{name}: chunk dtype {c.dtype}, planned {t.dtype}")
+            data = c.detach().contiguous().cpu()
+            self.fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            done += data.numel() * data.element_size()
+        if done != t.nbytes:
+            raise RuntimeError(f"{name}: wrote {done} bytes, planned {t.nbytes}")
 
     def copy_tensor(self, name: str, src: BinaryIO, info: TensorInfo) -> None:
         t = self._next(name)

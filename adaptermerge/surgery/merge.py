@@ -26,11 +26,12 @@ from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, Numeric
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_tensor
+from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
 
 QUANT_CHOICES = ("nf4", "fp4")
+CHUNK_BYTES = 2 << 20  # fp32 bytes per row chunk of a streamed merge (cache-sized)
 
 
 @dataclass
@@ -167,8 +168,16 @@ def merge_into_base(
             disable=not (progress and sys.stderr.isatty()),
         )  # fmt: skip
         executor.bar = bar
-        for shard in out_plan:
-            executor.write_shard(tmp / shard.file, shard)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # each finished shard is flushed to disk in the background while the next one is computed
+        with ThreadPoolExecutor(max_workers=1) as syncer:
+            futures = []
+            for shard in out_plan:
+                executor.write_shard(tmp / shard.file, shard)
+                futures.append(syncer.submit(_fsync_file, tmp / shard.file))
+            for f in futures:
+                f.result()
         bar.close()
         report.bytes_written = sum(s.nbytes for s in out_plan)
         for f in copy_files:
@@ -185,6 +194,14 @@ def merge_into_base(
         (tmp / "adaptermerge_recipe.yaml").write_text(dump_recipe(recipe, "merge"), encoding="utf-8")
     quant.warn_lost_deltas(report)
     return report
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def specs_dtype(specs: dict[str, Any]) -> torch.dtype:
@@ -220,7 +237,7 @@ class _Executor:
 
         self.quant = quant
         self.new_quant: dict[str, Any] = {}
-        self.workspace: dict[tuple[int, ...], torch.Tensor] = {}
+        self.workspace: dict[tuple, torch.Tensor] = {}
         self.delta_norms: dict[str, float] = {}
 
     def output_plan(self) -> list[ShardPlan]:
@@ -269,6 +286,43 @@ class _Executor:
         self.last = ModuleResult(module, self.plan.modules[module], dn / wn if wn else float("inf"))
         return ws
 
+    def _streamable(self, job) -> bool:
+        lr: LowRank = self.adapter.modules[job.module]
+        return lr.layout != "conv1d" and lr.magnitude is None and len(job.src.shape) == 2
+
+    def _merge_rows(self, job, want: torch.dtype):
+        """``W + B @ A`` computed and yielded in row chunks that stay in cache (linear/embedding, no DoRA).
+
+        Each chunk is read from the file, widened to fp32 in a reused buffer, gets ``B[rows] @ A`` added
+        in place, is checked for NaN/Inf and rounded once to the stored dtype.
+        """
+        lr: LowRank = self.adapter.modules[job.module]
+        m, n = job.src.shape
+        rows = max(1, CHUNK_BYTES // (4 * n))
+        ws_full = self.workspace.get(("rows", rows, n))
+        if ws_full is None:
+            ws_full = self.workspace[("rows", rows, n)] = torch.empty(rows, n, dtype=torch.float32, device=self.dev)
+        a = lr.A.to(self.dev, torch.float32)
+        b = lr.B.to(self.dev, torch.float32)
+        fh = self.fh(job.src_file)
+        buf = bytearray(rows * n * 8)
+        wsq = 0.0
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            ws = ws_full[: r1 - r0]
+            ws.copy_(read_rows(fh, job.src, r0, r1, buf))
+            wsq += float(torch.linalg.vector_norm(ws)) ** 2
+            ws.addmm_(b[r0:r1], a)
+            lo, hi = torch.aminmax(ws)
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                raise NumericalError(f"module {job.module}: the merged weight has NaN or Inf; nothing was written")
+            yield ws.to("cpu", want)
+        dn = self.delta_norms.get(job.module)
+        if dn is None:
+            dn = self.delta_norms[job.module] = lr.frobenius_norm()
+        wn = math.sqrt(wsq)
+        self.last = ModuleResult(job.module, self.plan.modules[job.module], dn / wn if wn else float("inf"))
+
     def write_shard(self, path: Path, shard: ShardPlan) -> None:
         writer = ShardWriter(path, [j.out for j in shard.jobs], shard.metadata)
         try:
@@ -290,6 +344,9 @@ class _Executor:
             writer.copy_tensor(name, self.fh(job.src_file), job.src)
         elif job.action == "convert":
             writer.write_tensor(name, self.read_src(job).to(want))
+        elif job.action == "merge" and self._streamable(job):
+            writer.write_chunks(name, self._merge_rows(job, want))
+            self.report.modules.append(self.last)
         elif job.action == "merge":
             new = self.merged_weight(job.module, self.read_src(job))
             self.report.modules.append(self.last)
