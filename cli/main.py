@@ -123,7 +123,12 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 @click.group(cls=AppGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="adaptermerge", prog_name="adaptermerge")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def cli(debug: bool) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads for torch (default: torch's choice; 1 is steadier on shared machines).",
+)
+def cli(debug: bool, threads: int | None) -> None:
     """LoRA adapter merging and model surgery on PEFT folders and safetensors checkpoints.
 
     \b
@@ -131,6 +136,10 @@ def cli(debug: bool) -> None:
       adaptermerge inspect ./my-adapter
       adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
     """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _register() -> None:

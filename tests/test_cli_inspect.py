@@ -88,3 +88,8 @@ def test_weights_normalization() -> None:
     ]  # fmt: skip
     assert normalize_multi_values(["--weights", "1", "-1", "a"]) == ["--weights", "1,-1", "a"]
     assert normalize_multi_values(["--weights", "0.7,0.3", "a"]) == ["--weights", "0.7,0.3", "a"]
+
+
+def test_threads_option(llama_adapter: Path) -> None:
+    r = CliRunner().invoke(cli, ["--threads", "1", "inspect", str(llama_adapter), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["kind"] == "adapter"

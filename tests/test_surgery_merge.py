@@ -350,15 +350,21 @@ def test_killed_merge_leaves_no_output_folder(tmp_path: Path) -> None:
     from tests.helpers import LLAMA_CFG
 
     torch.manual_seed(0)
-    big = LlamaForCausalLM(LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6}))
+    big = LlamaForCausalLM(
+        LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6})
+    )
     big.save_pretrained(tmp_path / "base", max_shard_size="20MB")
 
     def big_fn(seed: int = 0):
-        return LlamaForCausalLM(LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6}))
+        return LlamaForCausalLM(
+            LlamaConfig(**{**LLAMA_CFG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6})
+        )
 
     a = make_adapter(tmp_path / "a", big_fn, r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "adaptermerge_cli", "merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adaptermerge_cli", "merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet"]
+    )
     deadline = time.time() + 120
     partial = []
     while time.time() < deadline and proc.poll() is None:
