@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from adaptermerge_cli.main import cli, emit
 
 
@@ -175,11 +176,10 @@ def combine_cmd(
       adaptermerge combine ./a ./b --method svd --energy 0.99 --rank 64 -o ./ab
       adaptermerge combine --recipe ./ab/adaptermerge_recipe.yaml -o ./ab-again
     """
-    from adaptermerge_cli.main import parse_floats
-
     from adaptermerge.combination import combine, save_combined
     from adaptermerge.errors import UsageError
     from adaptermerge.methods.registry import get_method
+    from adaptermerge_cli.main import parse_floats
 
     get_method(method)
     if recipe_path:

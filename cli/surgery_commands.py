@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from adaptermerge_cli.main import cli, emit
 
 
@@ -102,10 +103,9 @@ def merge_cmd(
       adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter --dequantize -o ./merged-bf16
       adaptermerge merge ./Llama-3-8B ./my-adapter --quantize nf4 -o ./merged-nf4
     """
-    from adaptermerge_cli.main import parse_floats
-
     from adaptermerge.errors import UsageError
     from adaptermerge.surgery.merge import merge_into_base
+    from adaptermerge_cli.main import parse_floats
 
     if recipe_path:
         if base or adapters or weights_s or rank or energy or dtype or quantize or dequantize:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from adaptermerge_cli.main import cli, normalize_multi_values
 from click.testing import CliRunner
 from transformers import LlamaForCausalLM
 
+from adaptermerge_cli.main import cli, normalize_multi_values
 from tests.helpers import tiny_llama
 
 

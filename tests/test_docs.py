@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from adaptermerge_cli.main import cli
-
 from adaptermerge.methods.registry import METHODS, method_names
+from adaptermerge_cli.main import cli
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -196,3 +196,22 @@ def test_unknown_keys_are_reported(tmp_path: Path, llama_adapter: Path) -> None:
     a = adaptermerge.load_adapter(folder)
     assert any("something.odd" in w for w in a.warnings)
     assert "base_model.model.something.odd" in a.extra_tensors
+
+
+@pytest.mark.parametrize("how", sorted(BAD))
+def test_bad_inputs_cli_one_line_nothing_written(tmp_path: Path, llama_adapter: Path, how: str) -> None:
+    from click.testing import CliRunner
+
+    from adaptermerge_cli.main import cli
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_adapter, bad)
+    _break(bad, how)
+    before = {p.name: p.read_bytes() for p in bad.iterdir()}
+    for args in (["inspect", str(bad)], ["combine", str(llama_adapter), str(bad), "-o", str(tmp_path / "out")]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == before
