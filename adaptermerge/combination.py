@@ -261,7 +261,8 @@ def combine(
 
     if spec.name == "factor-linear":
         for mod, (b, a) in results.items():
-            exact = LowRank(*_stack_exact(terms_by_module[mod], dev, cdtype))
+            eb, ea = spec_exact_stack(terms_by_module[mod], dev, cdtype)
+            exact = LowRank(A=ea, B=eb)
             diff = LowRank(A=torch.cat([a, exact.A]), B=torch.cat([b, -exact.B], dim=1))
             denom = exact.frobenius_norm()
             reports[mod].rel_error_vs_exact = diff.frobenius_norm() / denom if denom > 0 else 0.0
@@ -328,13 +329,13 @@ def save_combined(result: Adapter, out: str | os.PathLike, overwrite: bool = Fal
     return save_adapter(result, out, overwrite=overwrite, extra_files=files)
 
 
-def _stack_exact(
+def spec_exact_stack(
     terms: list[tuple[float, LowRank]], dev: torch.device, cdtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_cat, A_cat)`` of the exact weighted sum, the reference the factor-wise methods are measured against."""
     from adaptermerge.methods.basic import weighted_stack
 
-    b, a = weighted_stack(terms, {"device": dev, "compute_dtype": cdtype})
-    return a, b
+    return weighted_stack(terms, {"device": dev, "compute_dtype": cdtype})
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:

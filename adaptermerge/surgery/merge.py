@@ -22,7 +22,7 @@ import torch
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine, resolve_device, resolve_dtype
-from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, NumericalError, UsageError
+from adaptermerge.errors import InvalidCheckpoint, NumericalError, UsageError
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
@@ -157,8 +157,9 @@ def merge_into_base(
             f"skipped pickle files {skipped} (never loaded or copied; the merged weights are in safetensors)"
         )
 
-    executor = _Executor(ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report)
-    executor.out_dtype = out_dtype
+    executor = _Executor(
+        ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report, out_dtype
+    )
     with atomic_dir(out_p, overwrite=overwrite) as tmp:
         out_plan = executor.output_plan()
         from tqdm.auto import tqdm
@@ -224,11 +225,13 @@ class _Executor:
         dequantize,
         optimize,
         report,
+        out_dtype: torch.dtype | None = None,
     ):
         self.ckpt, self.adapter, self.plan, self.dev = ckpt, adapter, plan, dev
         self.groups, self.specs = groups, specs
         self.quantize, self.dequantize, self.optimize = quantize, dequantize, optimize
         self.report = report
+        self.out_dtype = out_dtype
         self.bar = None
         self.handles: dict[str, Any] = {}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # 4-bit group -> computed member tensors
@@ -391,14 +394,4 @@ def _write_index(tmp: Path, ckpt: Checkpoint, shards: list[ShardPlan]) -> None:
     )
 
 
-def check_adapter_fits(ckpt: Checkpoint, adapter: Adapter) -> None:
-    """Raise :class:`IncompatibleAdapters` if the adapter's modules or shapes are not in the checkpoint."""
-    from adaptermerge.surgery import quant
-
-    groups, specs = quant.checkpoint_groups(ckpt)
-    plan_merge(
-        ckpt, adapter, quantized_members=groups, quant_specs={k: (s.shape, s.quant_type) for k, s in specs.items()}
-    )
-
-
-__all__ = ["IncompatibleAdapters", "MergeReport", "ModuleResult", "check_adapter_fits", "merge_into_base"]
+__all__ = ["MergeReport", "ModuleResult", "merge_into_base"]

@@ -163,8 +163,6 @@ def plan_merge(
             "the adapter changes lm_head, but this checkpoint ties lm_head to the input embeddings (no lm_head.weight); "
             "merging would change both"
         )
-    if any(v.endswith(".lora_magnitude_vector") for v in adapter.extra_tensors):
-        warnings.append("unexpected DoRA tensors among extra tensors were ignored")
 
     shards: list[ShardPlan] = []
     added = set()

@@ -140,9 +140,7 @@ def adjust_plan(ex: _Executor) -> list[ShardPlan]:
 
 
 def ex_dtype(ex: _Executor, spec: bnb4.QuantSpec) -> torch.dtype:
-    from adaptermerge.combination import resolve_dtype
-
-    return resolve_dtype(getattr(ex, "out_dtype", None)) or spec.dtype
+    return ex.out_dtype or spec.dtype
 
 
 def _load_group(ex: _Executor, group: str) -> dict[str, torch.Tensor]:
