@@ -122,6 +122,14 @@ def _combine_extras(
     union = set().union(*keys)
     if not union:
         return {}, []
+    # copies of base weights that PEFT saves beside embedding adapters (save_embedding_layers): keep one
+    base_copies = {k for k in union if k.endswith(".base_layer.weight")}
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted(base_copies):
+        out[k] = next(a.extra_tensors[k] for a in adapters if k in a.extra_tensors).clone()
+    union -= base_copies
+    if not union:
+        return out, []
     missing = [(k, n) for k in sorted(union) for a, n in zip(adapters, names, strict=True) if k not in a.extra_tensors]
     if missing:
         k, n = missing[0]
@@ -132,7 +140,6 @@ def _combine_extras(
     total = sum(weights)
     if abs(total) < 1e-12:
         raise IncompatibleAdapters("weights sum to zero, so the modules_to_save tensors cannot be averaged")
-    out = {}
     for k in sorted(union):
         ts = [a.extra_tensors[k] for a in adapters]
         if not all(t.shape == ts[0].shape for t in ts):
@@ -246,7 +253,8 @@ def combine(
                     s = fs.S[i]
                     big_r = sum(input_ranks[mod])
                     if spec.refactor == "lossless" and rank is None and energy is None:
-                        k = numerical_rank(s, big_r)
+                        scale = sum(abs(wi) * m.frobenius_norm() for wi, m in terms_by_module[mod])
+                        k = numerical_rank(s, big_r, scale)
                     else:
                         k = rank if rank is not None else (max(input_ranks[mod]) if energy is None else big_r)
                         if energy is not None:

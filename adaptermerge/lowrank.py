@@ -166,12 +166,16 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     return FactoredSVD(Qb=qb, Uc=uc, S=s, Vhc=vhc, Qa=qa)
 
 
-def numerical_rank(S: torch.Tensor, size_hint: int) -> int:
-    """Rank of a spectrum: the number of singular values above ``S_max * size_hint * eps``."""
+def numerical_rank(S: torch.Tensor, size_hint: int, scale: float = 0.0) -> int:
+    """Rank of a spectrum: the number of singular values above ``max(S_max, scale) * size_hint * eps``.
+
+    ``scale`` is the size of what was summed (e.g. ``sum_i |w_i| ||delta_i||_F``): a sum that cancels
+    to rounding noise then has rank 0 instead of keeping its noise.
+    """
     if S.numel() == 0:
         return 0
     eps = torch.finfo(S.dtype).eps
-    tol = float(S.max()) * max(size_hint, 1) * eps
+    tol = max(float(S.max()), scale) * max(size_hint, 1) * eps
     return int((S > tol).sum())
 
 

@@ -34,8 +34,11 @@ def normalize_multi_values(args: list[str]) -> list[str]:
     i = 0
     while i < len(args):
         a = args[i]
-        out.append(a)
         i += 1
+        if "=" in a and a.split("=", 1)[0] in _MULTI_VALUE_OPTIONS:  # --weights=0.7 0.3
+            a, first = a.split("=", 1)
+            args = [*args[:i], first, *args[i:]]
+        out.append(a)
         if a in _MULTI_VALUE_OPTIONS:
             vals: list[str] = []
             while i < len(args) and _is_number_list(args[i]):

@@ -237,3 +237,30 @@ def test_cli_dora_refused_one_line(tmp_path: Path, pair) -> None:
     d = make_adapter(tmp_path / "d", tiny_llama, r=4, target_modules=["q_proj"], use_dora=True)
     p = cli("combine", str(pair[0]), str(d), "-o", str(tmp_path / "out"))
     assert p.returncode == 1 and "DoRA" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_embedding_adapter_with_plain_adapter(tmp_path: Path) -> None:
+    """PEFT saves a base-weight copy beside embedding adapters; it must not block combining with others."""
+    e = make_adapter(tmp_path / "e", tiny_llama, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], seed=1)
+    p = make_adapter(tmp_path / "p", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj"], seed=2)
+    out = adaptermerge.combine([e, p], W)
+    assert "model.embed_tokens" in out.modules and any(k.endswith("base_layer.weight") for k in out.extra_tensors)
+    saved = adaptermerge.save_combined(out, tmp_path / "o")
+    exact = exact_deltas(tiny_llama, [e, p], W)
+    for name, d in peft_deltas(peft_model(tiny_llama, saved), "a0").items():
+        assert rel_err(d, exact[name]) < 1e-5
+
+
+def test_cancelling_sum_is_zero_and_not_written(tmp_path: Path, pair) -> None:
+    a, _ = pair
+    out = adaptermerge.combine([a, a], [1.0, -1.0])
+    assert not out.modules and all("zero" in w for w in out.warnings)
+    with pytest.raises(adaptermerge.InvalidAdapter, match="nothing was written"):
+        out.save(tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_weights_with_equals_sign(tmp_path: Path, pair) -> None:
+    a, b = pair
+    p = cli("combine", str(a), str(b), "--weights=0.7", "0.3", "-o", str(tmp_path / "o"), "--json")
+    assert p.returncode == 0, p.stderr and json.loads(p.stdout)["weights"] == [0.7, 0.3]

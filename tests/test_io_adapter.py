@@ -215,3 +215,39 @@ def test_bad_inputs_cli_one_line_nothing_written(tmp_path: Path, llama_adapter: 
         assert "Traceback" not in r.output
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert {p.name: p.read_bytes() for p in bad.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern"),
+        ({"target_modules": "(q_proj"}, "regex"),
+        ({"target_modules": 5}, "target_modules"),
+    ],
+)
+def test_bad_config_values_are_invalid_adapter(tmp_path: Path, llama_adapter: Path, patch: dict, needle: str) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg.update(patch)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidAdapter, match=needle):
+        adaptermerge.load_adapter(bad)
+
+
+def test_dora_on_embeddings_refused(tmp_path: Path) -> None:
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["embed_tokens"], use_dora=True)
+    with pytest.raises(UnsupportedAdapter, match="DoRA on an embedding"):
+        adaptermerge.load_adapter(a)
+
+
+def test_output_permissions_follow_umask(tmp_path: Path, llama_adapter: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = adaptermerge.load_adapter(llama_adapter).save(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -380,3 +380,14 @@ def test_killed_merge_leaves_no_output_folder(tmp_path: Path) -> None:
     # the next run is not confused by the leftover partial folder
     p = cli("merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet")
     assert p.returncode == 0, p.stderr and out.is_dir()
+
+
+def test_scalar_tensor_converted(tmp_path: Path) -> None:
+    base = save_base(tiny_llama(), tmp_path / "base", shard="10GB")
+    sd = load_file(str(base / "model.safetensors"))
+    sd["logit_scale"] = torch.tensor(2.5)
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    merge_into_base(base, a, tmp_path / "out", dtype="float16")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["logit_scale"].dtype == torch.float16 and float(out["logit_scale"]) == 2.5

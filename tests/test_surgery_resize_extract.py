@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,38 @@ def test_extract_refusals(tmp_path: Path) -> None:
         extract_lora(tmp_path / "base", tmp_path / "base")
     p = cli("extract", str(tmp_path / "base"), str(tmp_path / "other"), "--rank", "4", "-o", str(tmp_path / "x"))
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_extract_full_finetune_gpt2_biases_and_tied_head(tmp_path: Path) -> None:
+    """A 'full fine-tune' that changes weights, biases and the tied input embedding: the adapter carries the
+    biases as PEFT's bias='lora_only' tensors and the embedding delta on the tied head too, so PEFT reproduces
+    the model."""
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    sd = load_file(str(tmp_path / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k in list(sd):
+        if k.endswith(("c_attn.weight", "c_fc.weight", "wte.weight")):
+            sd[k] = sd[k] + 0.05 * torch.randn(sd[k].shape[0], 3, generator=g) @ torch.randn(
+                3, sd[k].shape[1], generator=g
+            )
+        if k.endswith(("c_attn.bias", "c_fc.bias")):
+            sd[k] = sd[k] + 0.1 * torch.randn(sd[k].shape, generator=g)
+    (tmp_path / "tuned").mkdir()
+    save_file(sd, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "tuned" / "config.json")
+    adapter, report = extract_lora(tmp_path / "base", tmp_path / "tuned", rank=3)
+    assert not report.modules_to_save and "lm_head" in adapter.modules
+    assert sum(k.endswith(".base_layer.bias") for k in adapter.extra_tensors) == 4
+    out = save_extracted(adapter, report, tmp_path / "x")
+    assert json.loads((out / "adapter_config.json").read_text())["bias"] == "lora_only"
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    pm = peft_model(tiny_gpt2, out)
+    with torch.no_grad():
+        assert torch.allclose(pm(input_ids=input_ids()).logits, tuned(input_ids=input_ids()).logits, atol=1e-4)
+    # and merging the extracted adapter back gives the tuned weights
+    merge_into_base(tmp_path / "base", out, tmp_path / "merged")
+    back = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for k, t in sd.items():
+        assert torch.allclose(back[k], t, atol=1e-5), k

@@ -59,10 +59,16 @@ def module_scaling(config: dict[str, Any], module_name: str) -> tuple[int, float
     """``(r, alpha, scaling)`` PEFT uses for ``module_name`` under ``config``."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rk = get_pattern_key(list(rank_pattern), module_name)
-    ak = get_pattern_key(list(alpha_pattern), module_name)
-    r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
-    alpha = float(alpha_pattern[ak]) if ak is not None else float(config.get("lora_alpha", 8))
+    try:
+        rk = get_pattern_key(list(rank_pattern), module_name)
+        ak = get_pattern_key(list(alpha_pattern), module_name)
+        r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
+        alpha = float(alpha_pattern[ak]) if ak is not None else float(config.get("lora_alpha", 8))
+    except (ValueError, TypeError, AttributeError, re.error) as e:
+        raise InvalidAdapter(
+            f"{CONFIG_NAME}: r/lora_alpha/rank_pattern/alpha_pattern cannot be read for {module_name} ({e}); "
+            "patterns map regexes to numbers"
+        ) from None
     if r <= 0:
         raise InvalidAdapter(f"module {module_name}: rank r={r} must be positive; fix r/rank_pattern in {CONFIG_NAME}")
     if alpha <= 0 or not math.isfinite(alpha):
@@ -81,7 +87,12 @@ def is_targeted(config: dict[str, Any], module_name: str) -> bool:
     if isinstance(tm, str):
         if tm == "all-linear":
             return True
-        return re.fullmatch(tm, module_name) is not None
+        try:
+            return re.fullmatch(tm, module_name) is not None
+        except re.error as e:
+            raise InvalidAdapter(f"{CONFIG_NAME}: target_modules {tm!r} is not a valid regex ({e})") from None
+    if not isinstance(tm, (list, tuple)) or not all(isinstance(t, str) for t in tm):
+        raise InvalidAdapter(f"{CONFIG_NAME}: target_modules must be a list of names or a regex string, got {tm!r}")
     return any(module_name == t or module_name.endswith("." + t) for t in tm)
 
 
@@ -185,7 +196,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                 break
         else:
             extra[key] = t
-            known = name.endswith(".base_layer.weight") or any(
+            known = name.endswith((".base_layer.weight", ".base_layer.bias")) or any(
                 re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts
             )
             if not known:
@@ -205,6 +216,11 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
         if "emb_A" in p or "emb_B" in p:
             if not ("emb_A" in p and "emb_B" in p):
                 raise InvalidAdapter(f"module {name}: lora_embedding_A and lora_embedding_B must both be present")
+            if "magnitude" in p:
+                raise UnsupportedAdapter(
+                    f"module {name}: DoRA on an embedding layer is not supported yet; train the adapter without "
+                    "use_dora on embeddings, or merge it with PEFT"
+                )
             ea, eb = p["emb_A"], p["emb_B"]  # r x num_embeddings, dim x r
             _check_pair(name, ea, eb, r_cfg)
             dtype = dtype or ea.dtype
@@ -304,7 +320,7 @@ def adapter_config_for(adapter: Adapter) -> dict[str, Any]:
         "fan_in_fan_out": any(m.layout == "conv1d" for m in adapter.modules.values()),
         "use_dora": adapter.uses_dora,
         "lora_bias": adapter.uses_bias,
-        "bias": "none",
+        "bias": _bias_mode(adapter),
         "modules_to_save": adapter.modules_to_save,
         "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
         "layers_to_transform": None,
@@ -313,6 +329,14 @@ def adapter_config_for(adapter: Adapter) -> dict[str, Any]:
         "inference_mode": True,
         "revision": src.get("revision"),
     }
+
+
+def _bias_mode(adapter: Adapter) -> str:
+    """PEFT's ``bias`` setting: kept from the source, or ``lora_only`` when base-layer biases travel."""
+    src = adapter.config.get("bias", "none")
+    if src in ("all", "lora_only"):
+        return src
+    return "lora_only" if any(k.endswith(".base_layer.bias") for k in adapter.extra_tensors) else "none"
 
 
 def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -353,6 +377,8 @@ def save_adapter(
     for name, m in adapter.modules.items():
         if not m.is_finite():
             raise InvalidAdapter(f"module {name}: NaN or Inf in the result; nothing was written")
+    if not any(m.rank > 0 for m in adapter.modules.values()):
+        raise InvalidAdapter("the adapter has no non-zero module (the deltas cancel or are empty); nothing was written")
     sd = adapter_state_dict(adapter, dtype)
     config = adapter_config_for(adapter)
     with atomic_dir(out, overwrite=overwrite) as tmp:

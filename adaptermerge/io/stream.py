@@ -22,6 +22,9 @@ ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+for _st, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):  # torch >= 2.3
+        ST_TO_TORCH[_st] = getattr(torch, _name)
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -144,7 +147,7 @@ class ShardWriter:
             raise RuntimeError(f"{name}: planned {t.dtype}{list(t.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         data = tensor.detach().contiguous().cpu()
         if data.numel():
-            self.fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self.fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
     def write_chunks(self, name: str, chunks) -> None:
         """Write one planned tensor as a sequence of row chunks (contiguous tensors of its dtype)."""
@@ -155,7 +158,7 @@ class ShardWriter:
             if c.dtype != want:
                 raise RuntimeError(f"{name}: chunk dtype {c.dtype}, planned {t.dtype}")
             data = c.detach().contiguous().cpu()
-            self.fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self.fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
             done += data.numel() * data.element_size()
         if done != t.nbytes:
             raise RuntimeError(f"{name}: wrote {done} bytes, planned {t.nbytes}")

@@ -16,7 +16,8 @@ def weight_layouts(ckpt: Checkpoint) -> tuple[dict[str, str], str | None]:
     output head's key. Falls back to names when transformers cannot build the model from ``config.json``.
 
     Returns:
-        (layouts, head_key); layouts only lists keys present in the checkpoint.
+        (layouts, head_key); layouts only lists keys present in the checkpoint; head_key is the output
+        head's weight key in checkpoint naming even when the checkpoint does not store it (tied).
     """
     present = set(ckpt.weight_map)
     try:
@@ -58,4 +59,4 @@ def weight_layouts(ckpt: Checkpoint) -> tuple[dict[str, str], str | None]:
             info = ckpt.info(k)
             if k.endswith(".weight") and len(info.shape) == 2:
                 out[k] = "embedding" if _EMBED_NAME.search(k) else "linear"
-    return out, head_key if head_key in present else None
+    return out, head_key

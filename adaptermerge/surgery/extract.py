@@ -162,6 +162,7 @@ def extract_lora(
         return handles[key]
 
     names = list(cb.weight_map)
+    bias_deltas: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(names), unit="tensor", desc="extracting", disable=not (progress and sys.stderr.isatty()))
     try:
         for name in names:
@@ -194,6 +195,9 @@ def extract_lora(
                 spec_full = float((dc.double() ** 2).sum())
                 ke = float((s.double() ** 2).sum()) / spec_full if spec_full else 1.0
                 report.modules.append(ExtractedModule(module, int(s.numel()), min(ke, 1.0), resid, kind, gap))
+            elif name.endswith(".bias") and name[: -len(".bias")] + ".weight" in layouts and len(ib.shape) == 1:
+                # a layer's bias: carried the way PEFT's bias="lora_only" saves it (decided after the loop)
+                bias_deltas[name[: -len(".bias")]] = wt.clone()
             else:
                 module = name.rsplit(".", 1)[0]
                 if skip_undecomposable:
@@ -205,6 +209,33 @@ def extract_lora(
         bar.close()
         for h in handles.values():
             h.close()
+    # A changed bias of a decomposed layer travels as PEFT's bias="lora_only" does: the tuned bias saved as
+    # <module>.base_layer.bias (works beside embedding LoRA, unlike lora_bias, which PEFT refuses there).
+    for module, tuned_bias in bias_deltas.items():
+        lr = modules.get(module)
+        if lr is not None and lr.layout in ("linear", "conv1d"):
+            extra[PEFT_PREFIX + module + ".base_layer.bias"] = tuned_bias
+        elif skip_undecomposable:
+            report.skipped.append(module + ".bias")
+        else:  # the weight did not change: keep the whole module
+            to_save.add(module)
+            report.modules_to_save.append(module + ".bias")
+    if any(k.endswith(".base_layer.bias") for k in extra):
+        report.warnings.append(
+            "changed layer biases are saved as PEFT bias='lora_only' tensors (vLLM refuses bias != 'none')"
+        )
+    # tied output head: PEFT does not propagate a LoRA on the input embedding to the head, so the head gets
+    # the same delta as a Linear LoRA module of its own
+    tied = bool(cb.config.get("tie_word_embeddings", True))
+    if tied and head is not None and head not in cb.weight_map:
+        vocab = cb.config.get("vocab_size")
+        emb = [m for m, lr in modules.items() if lr.layout == "embedding" and lr.shape[0] == vocab]
+        if emb:
+            src = modules[emb[0]]
+            modules[head[: -len(".weight")]] = LowRank(A=src.A.clone(), B=src.B.clone(), layout="linear")
+            report.warnings.append(
+                f"the output head is tied to {emb[0]}: its delta is also applied to {head[: -len('.weight')]}"
+            )
     # modules_to_save copy whole modules: every parameter of those modules comes from the tuned checkpoint
     for module in sorted(to_save):
         for name in names:

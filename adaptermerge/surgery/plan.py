@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint
 from adaptermerge.io.adapter import PEFT_PREFIX
@@ -94,6 +96,42 @@ def _map(name: str, strip: str, add: str) -> str:
     return add + name[len(strip) :] if name.startswith(strip) else name
 
 
+def _fix_layouts(ckpt: Checkpoint, adapter: Adapter) -> Adapter:
+    """PEFT's ``fan_in_fan_out`` is one flag for the whole adapter, but PEFT applies it per layer type (a GPT-2
+    adapter on Conv1D blocks and the Linear ``lm_head``). Take each module's layout from the model's layers."""
+    if not any(m.layout == "conv1d" for m in adapter.modules.values()):
+        return adapter
+    from dataclasses import replace
+
+    from adaptermerge.surgery.arch import weight_layouts
+
+    layouts, _ = weight_layouts(ckpt)
+    fixed = {}
+    for n, m in adapter.modules.items():
+        kind = next((v for k, v in layouts.items() if k == n + ".weight" or k.endswith("." + n + ".weight")), None)
+        fixed[n] = replace(m, layout="linear") if m.layout == "conv1d" and kind == "linear" else m
+    return replace(adapter, modules=fixed)
+
+
+def _drop_tied_head_copy(ckpt: Checkpoint, adapter: Adapter, keys: set[str]) -> Adapter:
+    """A tied checkpoint stores the head and the input embedding as one tensor: a head module that carries
+    exactly the embedding module's delta (as ``extract`` writes for tied models) is merged once, through the
+    embedding."""
+    if not ckpt.config.get("tie_word_embeddings", True):
+        return adapter
+    embs = [m for m in adapter.modules.values() if m.layout == "embedding"]
+    drop = [
+        n for n, m in adapter.modules.items()
+        if m.layout != "embedding" and not any(k.endswith(n.split(".")[-1] + ".weight") for k in keys)
+        and any(torch.equal(m.A, e.A) and torch.equal(m.B, e.B) for e in embs)
+    ]  # fmt: skip
+    if not drop:
+        return adapter
+    from dataclasses import replace
+
+    return replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in drop})
+
+
 def plan_merge(
     ckpt: Checkpoint,
     adapter: Adapter,
@@ -115,6 +153,7 @@ def plan_merge(
     """
     keys = set(ckpt.weight_map)
     groups = quantized_members or {}
+    adapter = _fix_layouts(ckpt, _drop_tied_head_copy(ckpt, adapter, keys))
     member_of = {m: w for w, ms in groups.items() for m in ms}
     pm = choose_prefix_map(adapter.modules, keys)
     if pm is None:

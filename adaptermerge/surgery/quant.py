@@ -72,7 +72,7 @@ def _linear_weight_keys(ckpt: Checkpoint) -> set[str]:
     from adaptermerge.surgery.arch import weight_layouts
 
     layouts, head = weight_layouts(ckpt)
-    return {k for k, v in layouts.items() if v == "linear" and k != head}
+    return {k for k, v in layouts.items() if v == "linear" and k != head}  # layouts holds stored keys only
 
 
 def new_spec(quant_type: str, shape: tuple[int, ...], dtype: torch.dtype) -> bnb4.QuantSpec:
