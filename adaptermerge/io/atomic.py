@@ -29,6 +29,20 @@ def check_output_path(
     return out_p
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
@@ -52,6 +66,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+        if out_p.exists() and _exchange(tmp, out_p):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced output
+            return
         old = None
         if out_p.exists():
             old = out_p.parent / f".{out_p.name}.old-{os.getpid()}"
