@@ -179,12 +179,11 @@ def combine_cmd(
     from adaptermerge.combination import combine, save_combined
     from adaptermerge.errors import UsageError
     from adaptermerge.methods.registry import get_method
-    from adaptermerge_cli.main import parse_floats
+    from adaptermerge_cli.main import parse_floats, refuse_with_recipe
 
     get_method(method)
     if recipe_path:
-        if adapters or weights_s or rank or energy or dtype:
-            raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
+        refuse_with_recipe(adapters, weights_s, rank, energy, dtype)
         from adaptermerge.recipe import load_recipe, recipe_arguments
 
         kwargs = recipe_arguments(load_recipe(recipe_path))

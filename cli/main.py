@@ -64,6 +64,14 @@ def parse_floats(value: str | None, name: str) -> list[float] | None:
     return vals
 
 
+def refuse_with_recipe(*given: Any) -> None:
+    """A recipe replays everything it records: refuse other inputs or merge options beside it."""
+    if any(given):
+        from adaptermerge.errors import UsageError
+
+        raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
+
+
 class AppGroup(click.Group):
     """A group that accepts space-separated multi-value options and maps errors to one line."""
 

@@ -105,11 +105,10 @@ def merge_cmd(
     """
     from adaptermerge.errors import UsageError
     from adaptermerge.surgery.merge import merge_into_base
-    from adaptermerge_cli.main import parse_floats
+    from adaptermerge_cli.main import parse_floats, refuse_with_recipe
 
     if recipe_path:
-        if base or adapters or weights_s or rank or energy or dtype or quantize or dequantize:
-            raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
+        refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize)
         from adaptermerge.surgery.card import load_merge_recipe
 
         kwargs = load_merge_recipe(recipe_path)
