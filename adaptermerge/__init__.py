@@ -25,6 +25,9 @@ from adaptermerge.inspection import describe
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.checkpoint import open_checkpoint
 from adaptermerge.lowrank import LowRank
+from adaptermerge.surgery.extract import extract_lora, save_extracted
+from adaptermerge.surgery.merge import MergeReport, merge_into_base
+from adaptermerge.surgery.resize import resize_adapter
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = [
     "InvalidAdapter",
     "InvalidCheckpoint",
     "LowRank",
+    "MergeReport",
     "NumericalError",
     "OutputExistsError",
     "UnsafeFormat",
@@ -43,7 +47,11 @@ __all__ = [
     "__version__",
     "combine",
     "describe",
+    "extract_lora",
     "load_adapter",
+    "merge_into_base",
     "open_checkpoint",
+    "resize_adapter",
     "save_combined",
+    "save_extracted",
 ]

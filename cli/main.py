@@ -147,6 +147,7 @@ def cli(debug: bool, threads: int | None) -> None:
       adaptermerge inspect ./my-adapter
       adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
     """
+    click.get_current_context().meta["adaptermerge.threads"] = threads
     if threads is not None:
         import torch
 

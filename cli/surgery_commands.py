@@ -127,7 +127,13 @@ def merge_cmd(
             dequantize=dequantize,
         )
     rep = merge_into_base(
-        **kwargs, out=output, optimize_scales=optimize_scales, device=device, overwrite=overwrite, progress=not quiet
+        **kwargs,
+        out=output,
+        optimize_scales=optimize_scales,
+        device=device,
+        overwrite=overwrite,
+        progress=not quiet,
+        threads=click.get_current_context().meta.get("adaptermerge.threads"),
     )
     d = rep.to_dict()
     emit(d, as_json, format_merge(d))

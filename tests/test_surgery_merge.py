@@ -391,3 +391,71 @@ def test_scalar_tensor_converted(tmp_path: Path) -> None:
     merge_into_base(base, a, tmp_path / "out", dtype="float16")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert out["logit_scale"].dtype == torch.float16 and float(out["logit_scale"]) == 2.5
+
+
+def test_fp16_overflow_refused(tmp_path: Path) -> None:
+    """W + delta beyond the fp16 range would be stored as Inf: refused, nothing written."""
+    base = save_base(tiny_llama(dtype=torch.float16), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["v_proj"])
+    sd = load_file(str(a / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    sd[key].fill_(300.0)  # |B @ A| ~ 300 * 4 * 32 / 4: above 65504 in fp16, fine in fp32
+    sd[key.replace("lora_B", "lora_A")].fill_(200.0)
+    save_file(sd, str(a / "adapter_model.safetensors"))
+    with pytest.raises(NumericalError, match=r"layers\.1.*float16.*--dtype"):
+        merge_into_base(base, a, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_into_base(base, a, tmp_path / "out32", dtype="float32")  # the advice works
+    assert torch.isfinite(tensors(tmp_path / "out32")["model.layers.1.self_attn.v_proj.weight"]).all()
+
+
+def test_small_buffers_change_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staging buffers far smaller than a tensor change no byte; small row chunks and mapped blocks change at
+    most the last bf16 bit (BLAS sums the rank terms in a blocking-dependent order)."""
+    from adaptermerge.io.stream import ShardWriter
+    from adaptermerge.surgery import merge as merge_mod
+
+    base = save_base(tiny_llama(dtype=torch.bfloat16), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj", "down_proj", "embed_tokens"])
+    merge_into_base(base, a, tmp_path / "ref")
+    monkeypatch.setattr(ShardWriter, "STAGE_BYTES", 1000)
+    monkeypatch.setattr(ShardWriter, "STAGES", 2)
+    merge_into_base(base, a, tmp_path / "small")
+    for f in sorted((tmp_path / "ref").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "small" / f.name).read_bytes(), f.name
+    monkeypatch.setattr(merge_mod, "CHUNK_BYTES", 4 * 64 * 3)  # 3 rows of 64 fp32 per chunk
+    monkeypatch.setattr(merge_mod, "READ_BYTES", 2 * 64 * 7)  # 6 rows per mapped block
+    merge_into_base(base, a, tmp_path / "rows")
+    ref, rows = tensors(tmp_path / "ref"), tensors(tmp_path / "rows")
+    assert ref.keys() == rows.keys()
+    for k, v in ref.items():
+        step = (v.float().abs() * 2.0**-7).clamp_min(1e-30)  # one bf16 ulp is at most |x| * 2^-7
+        assert ((rows[k].float() - v.float()).abs() <= step).all(), k
+
+
+def test_threads_default_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU merge leaves one core to the writer thread, then restores torch's setting; threads= overrides."""
+    from adaptermerge.surgery import merge as merge_mod
+
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    seen = []
+    real = merge_mod._Executor.write_shard
+    monkeypatch.setattr(
+        merge_mod._Executor, "write_shard", lambda self, *x: (seen.append(torch.get_num_threads()), real(self, *x))
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        merge_into_base(base, a, tmp_path / "o1")
+        assert torch.get_num_threads() == 3 and set(seen) == {2}
+        seen.clear()
+        merge_into_base(base, a, tmp_path / "o2", threads=1)
+        assert torch.get_num_threads() == 3 and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_surgery_api_is_exported() -> None:
+    for name in ("merge_into_base", "resize_adapter", "extract_lora", "save_extracted", "MergeReport"):
+        assert name in adaptermerge.__all__ and callable(getattr(adaptermerge, name))

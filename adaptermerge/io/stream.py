@@ -7,8 +7,11 @@ the shard), and unchanged tensors are copied file-to-file by the kernel.
 from __future__ import annotations
 
 import json
+import mmap
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,32 +66,22 @@ def read_rows(fh: BinaryIO, info: TensorInfo, r0: int, r1: int, buf: bytearray |
     return torch.frombuffer(view, dtype=ST_TO_TORCH[info.dtype]).reshape(r1 - r0, n)
 
 
-def copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int) -> None:
-    """Copy ``length`` bytes at ``start`` of ``src`` to the current position of ``dst`` (kernel copy where possible)."""
-    dst.flush()
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    off = start
-    left = length
-    try:
-        while left > 0:
-            n = os.copy_file_range(src_fd, dst_fd, left, off)
-            if n == 0:
-                break
-            off += n
-            left -= n
-        if left == 0:
-            dst.seek(0, os.SEEK_END)
-            return
-    except (AttributeError, OSError):
-        pass
-    src.seek(off)
-    dst.seek(0, os.SEEK_END)
-    while left > 0:
-        chunk = src.read(min(left, 16 << 20))
-        if not chunk:
-            raise OSError("unexpected end of file while copying")
-        dst.write(chunk)
-        left -= len(chunk)
+def map_rows(fh: BinaryIO, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a 2-D tensor as a private read-only-in-practice memory map of the file (no copy).
+
+    The mapping lives as long as the returned tensor, so memory stays bounded by the rows asked for. Falls
+    back to :func:`read_rows` where the file cannot be mapped.
+    """
+    n = info.shape[1]
+    isz = DTYPE_SIZES[info.dtype]
+    start = info.start + r0 * n * isz
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    count = (r1 - r0) * n
+    try:  # ACCESS_COPY: a writable private view, so torch does not warn; the file is never written
+        mm = mmap.mmap(fh.fileno(), start - base + count * isz, access=mmap.ACCESS_COPY, offset=base)
+    except (OSError, ValueError):
+        return read_rows(fh, info, r0, r1)
+    return torch.frombuffer(mm, dtype=ST_TO_TORCH[info.dtype], count=count, offset=start - base).reshape(r1 - r0, n)
 
 
 @dataclass(frozen=True)
@@ -122,16 +115,97 @@ def header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str] | No
 
 
 class ShardWriter:
-    """Write a safetensors file whose header is fixed before any data: tensors must come in plan order."""
+    """Write a safetensors file whose header is fixed before any data: tensors must come in plan order.
+
+    The bytes go to the kernel on a background thread while the caller computes the next tensor. Tensors
+    and computed chunks are converted (or copied) into a few large staging buffers, because the kernel takes
+    multi-megabyte writes several times faster than megabyte ones; unchanged tensors are queued as kernel
+    file-to-file copies. At most :attr:`STAGES` buffers of :attr:`STAGE_BYTES` exist, so memory stays
+    bounded. Call :meth:`close` to finish (it waits for the queue and reports any write error) or
+    :meth:`abort` after a failure.
+    """
+
+    STAGE_BYTES = 8 << 20
+    STAGES = 3
 
     def __init__(
         self, path: str | os.PathLike, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None
     ):
         self.path = Path(path)
         self.plan = list(tensors)
-        self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self.fh.write(header_bytes(self.plan, metadata))
         self.i = 0
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._stages = 0
+        self._stage: torch.Tensor | None = None
+        self._pos = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"write {self.path.name}", daemon=True)
+        self._thread.start()
+        self._todo.put(("bytes", header_bytes(self.plan, metadata), 0))
+
+    # -- the writer thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            kind, data, arg = item
+            try:
+                if self._error is not None:
+                    continue
+                if kind == "bytes":
+                    _write_all(self.fd, memoryview(data))
+                elif kind == "stage":
+                    _write_all(self.fd, memoryview(data.numpy())[:arg])
+                else:  # "copy": (source fd, start), length
+                    _copy_fd(data[0], self.fd, data[1], arg)
+            except Exception as e:  # noqa: BLE001 - reported to the caller by the next call or by close()
+                self._error = e
+            finally:
+                if kind == "stage":
+                    self._free.put(data)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- staging -------------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._stage is not None and self._pos:
+            self._todo.put(("stage", self._stage, self._pos))
+            self._stage, self._pos = None, 0
+        self._raise_error()
+
+    def _room(self, itemsize: int) -> torch.Tensor:
+        """The current staging buffer, with room for at least one item at an aligned position."""
+        if self._stage is not None and (self._pos % itemsize or self._pos + itemsize > self.STAGE_BYTES):
+            self._flush()
+        if self._stage is None:
+            if self._stages < self.STAGES:
+                self._stages += 1
+                self._stage = torch.empty(self.STAGE_BYTES, dtype=torch.uint8)
+            else:
+                self._stage = self._free.get()  # waits until the writer thread has written one
+            self._pos = 0
+            self._raise_error()
+        return self._stage
+
+    def _put(self, flat: torch.Tensor, dtype: torch.dtype) -> None:
+        """Convert a 1-D tensor to ``dtype`` into the staging buffers (one rounding; a copy when equal)."""
+        isz = dtype.itemsize
+        i, k = 0, flat.numel()
+        while i < k:
+            stage = self._room(isz)
+            take = min(k - i, (self.STAGE_BYTES - self._pos) // isz)
+            stage[self._pos : self._pos + take * isz].view(dtype).copy_(flat[i : i + take])
+            self._pos += take * isz
+            i += take
+
+    # -- the public interface ----------------------------------------------------------------------------
 
     def _next(self, name: str) -> PlannedTensor:
         if self.i >= len(self.plan) or self.plan[self.i].name != name:
@@ -142,36 +216,86 @@ class ShardWriter:
         return t
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (its dtype and shape must be the planned ones)."""
         t = self._next(name)
         if TORCH_TO_ST[tensor.dtype] != t.dtype or tuple(tensor.shape) != t.shape:
             raise RuntimeError(f"{name}: planned {t.dtype}{list(t.shape)}, got {tensor.dtype}{list(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu()
-        if data.numel():
-            self.fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        if tensor.numel():
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            if data.element_size() == 1:  # bool, int8, fp8: copied as bytes
+                data = data.view(torch.uint8)
+            self._put(data, data.dtype)
 
-    def write_chunks(self, name: str, chunks) -> None:
-        """Write one planned tensor as a sequence of row chunks (contiguous tensors of its dtype)."""
+    def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write one planned tensor from row chunks (in order), each rounded once to the planned dtype.
+
+        A chunk may be reused by its producer as soon as the next one is asked for: it is converted into
+        the staging buffers before this method takes another.
+        """
         t = self._next(name)
         want = ST_TO_TORCH[t.dtype]
+        isz = DTYPE_SIZES[t.dtype]
         done = 0
         for c in chunks:
-            if c.dtype != want:
+            if not (c.is_floating_point() and want.is_floating_point) and c.dtype != want:
                 raise RuntimeError(f"{name}: chunk dtype {c.dtype}, planned {t.dtype}")
-            data = c.detach().contiguous().cpu()
-            self.fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-            done += data.numel() * data.element_size()
+            self._put(c.detach().reshape(-1), want)
+            done += c.numel() * isz
         if done != t.nbytes:
             raise RuntimeError(f"{name}: wrote {done} bytes, planned {t.nbytes}")
 
     def copy_tensor(self, name: str, src: BinaryIO, info: TensorInfo) -> None:
+        """Queue a kernel copy of a tensor's bytes from ``src`` (which must stay open until :meth:`close`)."""
         t = self._next(name)
         if info.nbytes != t.nbytes:
             raise RuntimeError(f"{name}: planned {t.nbytes} bytes, source has {info.nbytes}")
-        copy_range(src, self.fh, info.start, info.nbytes)
+        self._flush()
+        self._todo.put(("copy", (src.fileno(), info.start), info.nbytes))
 
     def close(self) -> None:
+        """Write what is queued, wait for it, and close the file; raises the first write error."""
         if self.i != len(self.plan):
-            self.fh.close()
+            self.abort()
             raise RuntimeError(f"{self.path.name}: {len(self.plan) - self.i} planned tensors were not written")
-        self.fh.flush()  # durability: the atomic folder fsyncs every file once before the rename
-        self.fh.close()
+        try:
+            self._flush()
+        finally:
+            self._todo.put(None)
+            self._thread.join()
+            os.close(self.fd)
+        self._raise_error()  # durability: the atomic folder fsyncs every file once before the rename
+
+    def abort(self) -> None:
+        """Stop after a failure: drop what is queued and close the file (the caller removes it)."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._todo.put(None)
+            self._thread.join()
+            os.close(self.fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _copy_fd(src_fd: int, dst_fd: int, start: int, length: int) -> None:
+    """Append ``length`` bytes at ``start`` of ``src_fd`` to ``dst_fd`` (kernel copy where possible)."""
+    off, left = start, length
+    try:
+        while left > 0:
+            n = os.copy_file_range(src_fd, dst_fd, left, off)
+            if n == 0:
+                break
+            off += n
+            left -= n
+    except (AttributeError, OSError):
+        pass
+    while left > 0:
+        chunk = os.pread(src_fd, min(left, 16 << 20), off)
+        if not chunk:
+            raise OSError("unexpected end of file while copying")
+        _write_all(dst_fd, memoryview(chunk))
+        off += len(chunk)
+        left -= len(chunk)

@@ -8,12 +8,13 @@ largest tensor being merged (plus the adapter), never a shard or the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,32 @@ from adaptermerge.errors import InvalidCheckpoint, NumericalError, UsageError
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
+from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, map_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
 
 QUANT_CHOICES = ("nf4", "fp4")
 CHUNK_BYTES = 2 << 20  # fp32 bytes per row chunk of a streamed merge (cache-sized)
+READ_BYTES = 8 << 20  # source bytes mapped at a time by a streamed merge
+
+
+def check_range(ws: torch.Tensor, want: torch.dtype, module: str, sumsq: float | None = None) -> None:
+    """Refuse NaN/Inf in a merged fp32 weight, and values that would overflow the stored dtype.
+
+    ``sumsq`` (the sum of squares, when the caller has it) settles the common case without another pass: a
+    finite sum of squares means every value is finite and below 1.9e19, inside bf16/fp32 range.
+    """
+    if sumsq is not None and math.isfinite(sumsq) and want != torch.float16:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(ws))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise NumericalError(f"module {module}: the merged weight has NaN or Inf; nothing was written")
+    limit = torch.finfo(want).max if want.is_floating_point else math.inf
+    if max(-lo, hi) > limit:
+        raise NumericalError(
+            f"module {module}: merged values reach {max(-lo, hi):.4g}, beyond the largest {want} ({limit:.4g}); "
+            "nothing was written. Merge with --dtype bfloat16 or float32"
+        )
 
 
 @dataclass
@@ -90,6 +111,7 @@ def merge_into_base(
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = False,
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge one or more adapters into a checkpoint folder and write a new checkpoint folder.
 
@@ -109,6 +131,10 @@ def merge_into_base(
         device: where the per-module arithmetic runs.
         overwrite: replace a non-empty output folder.
         progress: show a progress bar (bytes and modules).
+        threads: CPU threads for the arithmetic of a 16-bit/fp32 merge. Default: one fewer than torch's
+            current setting (at least 1), because a writer thread moves the bytes meanwhile and idle OpenMP
+            threads spinning at their barriers would take its core (measured: 1.3-1.7x faster on 2 cores).
+            4-bit work keeps torch's setting.
 
     Returns:
         A :class:`MergeReport` with per-module figures (relative delta size; for 4-bit, requantization
@@ -160,7 +186,10 @@ def merge_into_base(
     executor = _Executor(
         ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report, out_dtype
     )
-    with atomic_dir(out_p, overwrite=overwrite) as tmp:
+    if threads is None:
+        cpu_stream = not groups and not quantize and dev.type == "cpu"
+        threads = max(1, torch.get_num_threads() - 1) if cpu_stream else torch.get_num_threads()
+    with torch_threads(threads), atomic_dir(out_p, overwrite=overwrite) as tmp:
         out_plan = executor.output_plan()
         from tqdm.auto import tqdm
 
@@ -195,6 +224,17 @@ def merge_into_base(
         (tmp / "adaptermerge_recipe.yaml").write_text(dump_recipe(recipe, "merge"), encoding="utf-8")
     quant.warn_lost_deltas(report)
     return report
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch CPU threads, restoring the previous setting afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _fsync_file(path: Path) -> None:
@@ -256,9 +296,10 @@ class _Executor:
         f = self.ckpt.weight_map[key]
         return read_tensor(self.fh(f), self.ckpt.info(key))
 
-    def merged_weight(self, module: str, w: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, module: str, w: torch.Tensor, want: torch.dtype = torch.float32) -> torch.Tensor:
         """``W + delta`` (DoRA-normalised where the adapter has a magnitude), fp32, stored layout.
 
+        Refuses NaN/Inf and values beyond the range of ``want`` (the dtype the result will be stored in).
         Works in one fp32 workspace per shape, reused across modules (``addmm_`` adds ``B @ A`` in
         place), so a merge allocates no per-module dense temporaries. The result is valid until the
         next call.
@@ -280,9 +321,7 @@ class _Executor:
             norm = torch.linalg.vector_norm(ws, dim=dim, keepdim=True)
             mag = lr.magnitude.to(self.dev, torch.float32)
             ws.mul_((mag.unsqueeze(0) if dim == 0 else mag.unsqueeze(1)) / norm)
-        lo, hi = torch.aminmax(ws)
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            raise NumericalError(f"module {module}: the merged weight has NaN or Inf; nothing was written")
+        check_range(ws, want, module)
         dn = self.delta_norms.get(module)
         if dn is None:
             dn = self.delta_norms[module] = lr.frobenius_norm()
@@ -294,36 +333,41 @@ class _Executor:
         return lr.layout != "conv1d" and lr.magnitude is None and len(job.src.shape) == 2
 
     def _merge_rows(self, job, want: torch.dtype):
-        """``W + B @ A`` computed and yielded in row chunks that stay in cache (linear/embedding, no DoRA).
+        """``W + B @ A`` computed and yielded in fp32 row chunks that stay in cache (linear/embedding, no DoRA).
 
-        Each chunk is read from the file, widened to fp32 in a reused buffer, gets ``B[rows] @ A`` added
-        in place, is checked for NaN/Inf and rounded once to the stored dtype.
+        The source is mapped in blocks of :data:`READ_BYTES` (no copy); each chunk is widened to fp32 in a reused
+        buffer, gets ``B[rows] @ A`` added in place and is range-checked; the writer rounds it once to the
+        stored dtype. A yielded chunk is overwritten by the next one.
         """
         lr: LowRank = self.adapter.modules[job.module]
         m, n = job.src.shape
         rows = max(1, CHUNK_BYTES // (4 * n))
+        block = max(rows, READ_BYTES // (job.src.nbytes // m) // rows * rows)
         ws_full = self.workspace.get(("rows", rows, n))
         if ws_full is None:
             ws_full = self.workspace[("rows", rows, n)] = torch.empty(rows, n, dtype=torch.float32, device=self.dev)
         a = lr.A.to(self.dev, torch.float32)
         b = lr.B.to(self.dev, torch.float32)
         fh = self.fh(job.src_file)
-        buf = bytearray(rows * n * 8)
         wsq = 0.0
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            ws = ws_full[: r1 - r0]
-            ws.copy_(read_rows(fh, job.src, r0, r1, buf))
-            wsq += float(torch.linalg.vector_norm(ws)) ** 2
-            ws.addmm_(b[r0:r1], a)
-            lo, hi = torch.aminmax(ws)
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise NumericalError(f"module {job.module}: the merged weight has NaN or Inf; nothing was written")
-            yield ws.to("cpu", want)
+        for b0 in range(0, m, block):
+            b1 = min(m, b0 + block)
+            src = map_rows(fh, job.src, b0, b1)
+            for r0 in range(b0, b1, rows):
+                r1 = min(b1, r0 + rows)
+                ws = ws_full[: r1 - r0]
+                ws.copy_(src[r0 - b0 : r1 - b0])
+                flat = ws.view(-1)
+                wsq += float(torch.dot(flat, flat))
+                ws.addmm_(b[r0:r1], a)
+                check_range(ws, want, job.module, float(torch.dot(flat, flat)))
+                yield ws
         dn = self.delta_norms.get(job.module)
         if dn is None:
             dn = self.delta_norms[job.module] = lr.frobenius_norm()
         wn = math.sqrt(wsq)
+        if not math.isfinite(wn):  # fp32 overflow of the sum of squares (|w| > 1e19): measure it exactly
+            wn = float(torch.linalg.vector_norm(self.read_src(job).to(torch.float64)))
         self.last = ModuleResult(job.module, self.plan.modules[job.module], dn / wn if wn else float("inf"))
 
     def write_shard(self, path: Path, shard: ShardPlan) -> None:
@@ -335,11 +379,14 @@ class _Executor:
                     self.bar.update(job.out.nbytes)
                     if job.action in ("merge", "quant", "newquant", "dequant") and job.module is not None:
                         self.bar.set_postfix(modules=len(self.report.modules), refresh=False)
-        finally:
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:  # the writer has finished with the source files (queued copies read them)
             for h in self.handles.values():
                 h.close()
             self.handles.clear()
-        writer.close()
 
     def _write_job(self, writer: ShardWriter, job) -> None:
         name, want = job.out.name, ST_TO_TORCH[job.out.dtype]
@@ -351,7 +398,7 @@ class _Executor:
             writer.write_chunks(name, self._merge_rows(job, want))
             self.report.modules.append(self.last)
         elif job.action == "merge":
-            new = self.merged_weight(job.module, self.read_src(job))
+            new = self.merged_weight(job.module, self.read_src(job), want)
             self.report.modules.append(self.last)
             writer.write_tensor(name, new.to("cpu", want))
         elif job.action == "bias":

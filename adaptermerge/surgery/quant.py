@@ -179,7 +179,7 @@ def _compute_group(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
     spec = ex.specs[group]
     w = bnb4.dequantize(src, group, torch.float32).to(ex.dev)
     if module is not None:
-        target = ex.merged_weight(module, w)
+        target = ex.merged_weight(module, w, ex_dtype(ex, spec) if job.action == "dequant" else torch.float32)
     else:
         target = w
     if job.action == "dequant":
