@@ -159,8 +159,27 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli.main()
+    """Console-script entry point.
+
+    Once a command has finished (its outputs written, fsynced and renamed into place), the process ends
+    with ``os._exit`` after flushing stdout/stderr: the interpreter's teardown with torch loaded takes about
+    a second here and does nothing a finished command needs. ``--debug`` keeps the normal exit.
+    """
+    try:
+        cli.main()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if "--debug" in sys.argv or os.environ.get("ADAPTERMERGE_DEBUG") == "1":
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _register()

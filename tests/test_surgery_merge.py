@@ -183,6 +183,8 @@ def test_task_adapter_on_bare_checkpoint_adds_head(tmp_path: Path) -> None:
         tmp_path / "out", num_labels=3, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_parameters"] == model.num_parameters()  # the added head is counted
     ref = peft_model(tiny_llama_cls, a).merge_and_unload()
     ids = input_ids()
     with torch.no_grad():

@@ -435,6 +435,10 @@ def _write_config(tmp: Path, ckpt: Checkpoint, out_dtype, quantize, dequantize, 
 def _write_index(tmp: Path, ckpt: Checkpoint, shards: list[ShardPlan]) -> None:
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = sum(s.nbytes for s in shards)
+    if isinstance(meta.get("total_parameters"), int):
+        # transformers counts logical parameters (4-bit packed weights twice), so re-quantizing changes
+        # nothing; only tensors the base lacked (a head from modules_to_save) add to the count
+        meta["total_parameters"] += sum(math.prod(j.out.shape) for s in shards for j in s.jobs if j.action == "add")
     weight_map = {j.out.name: s.file for s in shards for j in s.jobs}
     (tmp / INDEX_NAME).write_text(
         json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"
