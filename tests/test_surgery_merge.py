@@ -461,3 +461,34 @@ def test_threads_default_and_restored(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_surgery_api_is_exported() -> None:
     for name in ("merge_into_base", "resize_adapter", "extract_lora", "save_extracted", "MergeReport"):
         assert name in adaptermerge.__all__ and callable(getattr(adaptermerge, name))
+
+
+def test_fp8_weight_overflow_refused_when_streamed(tmp_path: Path) -> None:
+    """The streamed path checks narrow targets too (fp8 e5m2 tops out at 57344)."""
+    base = save_base(tiny_llama(), tmp_path / "base", shard="10GB")
+    sd = load_file(str(base / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    sd[key] = sd[key].to(torch.float8_e5m2)
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    ad = load_file(str(a / "adapter_model.safetensors"))
+    ad["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].fill_(1e6)
+    save_file(ad, str(a / "adapter_model.safetensors"))
+    with pytest.raises(NumericalError, match=r"layers\.0.*float8_e5m2"):
+        merge_into_base(base, a, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_conversion_overflow_refused(tmp_path: Path) -> None:
+    """--dtype float16 on a checkpoint holding values above 65504 refuses instead of writing Inf."""
+    base = save_base(tiny_llama(), tmp_path / "base", shard="10GB")
+    sd = load_file(str(base / "model.safetensors"))
+    sd["model.norm.weight"][0] = 1e6
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
+    with pytest.raises(NumericalError, match=r"model\.norm\.weight.*--dtype"):
+        merge_into_base(base, a, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+    merge_into_base(base, a, tmp_path / "out", dtype="bfloat16")  # wide enough
+    with pytest.raises(UsageError, match="threads"):
+        merge_into_base(base, a, tmp_path / "out2", threads=0)

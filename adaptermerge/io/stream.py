@@ -7,7 +7,6 @@ the shard), and unchanged tensors are copied file-to-file by the kernel.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import queue
 import threading
@@ -66,24 +65,6 @@ def read_rows(fh: BinaryIO, info: TensorInfo, r0: int, r1: int, buf: bytearray |
     return torch.frombuffer(view, dtype=ST_TO_TORCH[info.dtype]).reshape(r1 - r0, n)
 
 
-def map_rows(fh: BinaryIO, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``r0:r1`` of a 2-D tensor as a private read-only-in-practice memory map of the file (no copy).
-
-    The mapping lives as long as the returned tensor, so memory stays bounded by the rows asked for. Falls
-    back to :func:`read_rows` where the file cannot be mapped.
-    """
-    n = info.shape[1]
-    isz = DTYPE_SIZES[info.dtype]
-    start = info.start + r0 * n * isz
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    count = (r1 - r0) * n
-    try:  # ACCESS_COPY: a writable private view, so torch does not warn; the file is never written
-        mm = mmap.mmap(fh.fileno(), start - base + count * isz, access=mmap.ACCESS_COPY, offset=base)
-    except (OSError, ValueError):
-        return read_rows(fh, info, r0, r1)
-    return torch.frombuffer(mm, dtype=ST_TO_TORCH[info.dtype], count=count, offset=start - base).reshape(r1 - r0, n)
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of an output file: name, safetensors dtype, shape."""
@@ -134,16 +115,22 @@ class ShardWriter:
         self.path = Path(path)
         self.plan = list(tensors)
         self.i = 0
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        header = header_bytes(self.plan, metadata)
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._stages = 0
         self._stage: torch.Tensor | None = None
         self._pos = 0
         self._error: BaseException | None = None
+        self._closed = False
+        self._todo.put(("bytes", header, 0))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._thread = threading.Thread(target=self._run, name=f"write {self.path.name}", daemon=True)
-        self._thread.start()
-        self._todo.put(("bytes", header_bytes(self.plan, metadata), 0))
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     # -- the writer thread ---------------------------------------------------------------------------------
 
@@ -182,6 +169,8 @@ class ShardWriter:
 
     def _room(self, itemsize: int) -> torch.Tensor:
         """The current staging buffer, with room for at least one item at an aligned position."""
+        if self._closed:
+            raise RuntimeError(f"{self.path.name}: written after close() or abort()")
         if self._stage is not None and (self._pos % itemsize or self._pos + itemsize > self.STAGE_BYTES):
             self._flush()
         if self._stage is None:
@@ -208,6 +197,8 @@ class ShardWriter:
     # -- the public interface ----------------------------------------------------------------------------
 
     def _next(self, name: str) -> PlannedTensor:
+        if self._closed:
+            raise RuntimeError(f"{self.path.name}: {name} written after close() or abort()")
         if self.i >= len(self.plan) or self.plan[self.i].name != name:
             expected = self.plan[self.i].name if self.i < len(self.plan) else "(end)"
             raise RuntimeError(f"write order broken: got {name}, planned {expected}")
@@ -254,23 +245,30 @@ class ShardWriter:
 
     def close(self) -> None:
         """Write what is queued, wait for it, and close the file; raises the first write error."""
+        if self._closed:
+            return
         if self.i != len(self.plan):
             self.abort()
             raise RuntimeError(f"{self.path.name}: {len(self.plan) - self.i} planned tensors were not written")
         try:
             self._flush()
         finally:
-            self._todo.put(None)
-            self._thread.join()
-            os.close(self.fd)
+            self._finish()
         self._raise_error()  # durability: the atomic folder fsyncs every file once before the rename
 
     def abort(self) -> None:
         """Stop after a failure: drop what is queued and close the file (the caller removes it)."""
-        if self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._todo.put(None)
+        if self._closed:
+            return
+        self._error = self._error or RuntimeError("aborted")
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closed = True
+        self._todo.put(None)
+        try:
             self._thread.join()
+        finally:
             os.close(self.fd)
 
 

@@ -27,22 +27,23 @@ from adaptermerge.errors import InvalidCheckpoint, NumericalError, UsageError
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, map_rows, read_tensor
+from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
 
 QUANT_CHOICES = ("nf4", "fp4")
 CHUNK_BYTES = 2 << 20  # fp32 bytes per row chunk of a streamed merge (cache-sized)
-READ_BYTES = 8 << 20  # source bytes mapped at a time by a streamed merge
+READ_BYTES = 8 << 20  # source bytes read at a time by a streamed merge
 
 
 def check_range(ws: torch.Tensor, want: torch.dtype, module: str, sumsq: float | None = None) -> None:
     """Refuse NaN/Inf in a merged fp32 weight, and values that would overflow the stored dtype.
 
     ``sumsq`` (the sum of squares, when the caller has it) settles the common case without another pass: a
-    finite sum of squares means every value is finite and below 1.9e19, inside bf16/fp32 range.
+    finite sum of squares means every value is finite and below 1.9e19, inside bf16/fp32/fp64 range (fp16 and
+    fp8 targets are always checked).
     """
-    if sumsq is not None and math.isfinite(sumsq) and want != torch.float16:
+    if sumsq is not None and math.isfinite(sumsq) and want in (torch.float32, torch.bfloat16, torch.float64):
         return
     lo, hi = (float(v) for v in torch.aminmax(ws))
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -186,6 +187,8 @@ def merge_into_base(
     executor = _Executor(
         ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report, out_dtype
     )
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
     if threads is None:
         cpu_stream = not groups and not quantize and dev.type == "cpu"
         threads = max(1, torch.get_num_threads() - 1) if cpu_stream else torch.get_num_threads()
@@ -250,6 +253,21 @@ def specs_dtype(specs: dict[str, Any]) -> torch.dtype:
     return dts.pop() if len(dts) == 1 else torch.bfloat16
 
 
+def check_narrowing(t: torch.Tensor, want: torch.dtype, name: str) -> None:
+    """Refuse converting finite values beyond the range of a narrower float dtype (they would become Inf)."""
+    if not (t.is_floating_point() and want.is_floating_point and t.numel()):
+        return
+    if torch.finfo(want).max >= torch.finfo(t.dtype).max:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    top = max(-lo, hi)
+    if math.isfinite(top) and top > torch.finfo(want).max:  # Inf/NaN already in the input stay as they are
+        raise NumericalError(
+            f"tensor {name}: values reach {top:.4g}, beyond the largest {want} ({torch.finfo(want).max:.4g}); "
+            "nothing was written. Choose a wider --dtype (bfloat16 or float32)"
+        )
+
+
 class _Executor:
     """Runs a plan: reads, computes and writes each output tensor in planned order."""
 
@@ -282,6 +300,7 @@ class _Executor:
         self.new_quant: dict[str, Any] = {}
         self.workspace: dict[tuple, torch.Tensor] = {}
         self.delta_norms: dict[str, float] = {}
+        self.read_buf: bytearray | None = None
 
     def output_plan(self) -> list[ShardPlan]:
         """The plan with 4-bit changes applied (new tensors for --quantize, dense tensors for --dequantize)."""
@@ -330,12 +349,13 @@ class _Executor:
 
     def _streamable(self, job) -> bool:
         lr: LowRank = self.adapter.modules[job.module]
-        return lr.layout != "conv1d" and lr.magnitude is None and len(job.src.shape) == 2
+        return lr.layout != "conv1d" and lr.magnitude is None and len(job.src.shape) == 2 and job.src.numel > 0
 
     def _merge_rows(self, job, want: torch.dtype):
         """``W + B @ A`` computed and yielded in fp32 row chunks that stay in cache (linear/embedding, no DoRA).
 
-        The source is mapped in blocks of :data:`READ_BYTES` (no copy); each chunk is widened to fp32 in a reused
+        The source is read in blocks of :data:`READ_BYTES` into a reused buffer (plain reads: a source file
+        changed under us is an ``OSError``, never a ``SIGBUS`` as with a memory map); each chunk is widened to fp32 in a reused
         buffer, gets ``B[rows] @ A`` added in place and is range-checked; the writer rounds it once to the
         stored dtype. A yielded chunk is overwritten by the next one.
         """
@@ -349,10 +369,13 @@ class _Executor:
         a = lr.A.to(self.dev, torch.float32)
         b = lr.B.to(self.dev, torch.float32)
         fh = self.fh(job.src_file)
+        row_bytes = job.src.nbytes // m
+        if self.read_buf is None or len(self.read_buf) < block * row_bytes:
+            self.read_buf = bytearray(block * row_bytes)
         wsq = 0.0
         for b0 in range(0, m, block):
             b1 = min(m, b0 + block)
-            src = map_rows(fh, job.src, b0, b1)
+            src = read_rows(fh, job.src, b0, b1, self.read_buf)
             for r0 in range(b0, b1, rows):
                 r1 = min(b1, r0 + rows)
                 ws = ws_full[: r1 - r0]
@@ -393,7 +416,9 @@ class _Executor:
         if job.action == "copy":
             writer.copy_tensor(name, self.fh(job.src_file), job.src)
         elif job.action == "convert":
-            writer.write_tensor(name, self.read_src(job).to(want))
+            src = self.read_src(job)
+            check_narrowing(src, want, name)
+            writer.write_tensor(name, src.to(want))
         elif job.action == "merge" and self._streamable(job):
             writer.write_chunks(name, self._merge_rows(job, want))
             self.report.modules.append(self.last)
@@ -403,9 +428,12 @@ class _Executor:
             writer.write_tensor(name, new.to("cpu", want))
         elif job.action == "bias":
             b = self.read_src(job).to(torch.float32) + self.adapter.modules[job.module].bias.to(torch.float32)
+            check_range(b, want, f"{job.module} (bias)")
             writer.write_tensor(name, b.to(want))
         elif job.action in ("replace", "add"):
-            writer.write_tensor(name, self.adapter.extra_tensors[job.extra_key].to(want))
+            extra = self.adapter.extra_tensors[job.extra_key]
+            check_narrowing(extra, want, name)
+            writer.write_tensor(name, extra.to(want))
         elif job.action in ("quant", "dequant", "newquant"):
             writer.write_tensor(name, self.quant.member_tensor(self, job).to(want))
         else:  # pragma: no cover - planner bug
