@@ -169,8 +169,6 @@ class ShardWriter:
 
     def _room(self, itemsize: int) -> torch.Tensor:
         """The current staging buffer, with room for at least one item at an aligned position."""
-        if self._closed:
-            raise RuntimeError(f"{self.path.name}: written after close() or abort()")
         if self._stage is not None and (self._pos % itemsize or self._pos + itemsize > self.STAGE_BYTES):
             self._flush()
         if self._stage is None:

@@ -48,11 +48,26 @@ def check_range(ws: torch.Tensor, want: torch.dtype, module: str, sumsq: float |
     lo, hi = (float(v) for v in torch.aminmax(ws))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NumericalError(f"module {module}: the merged weight has NaN or Inf; nothing was written")
+    _refuse_beyond(f"module {module}: merged values", max(-lo, hi), want)
+
+
+def check_narrowing(t: torch.Tensor, want: torch.dtype, name: str) -> None:
+    """Refuse converting finite values beyond the range of a narrower float dtype (they would become Inf)."""
+    if not (t.is_floating_point() and want.is_floating_point and t.numel()):
+        return
+    if torch.finfo(want).max >= torch.finfo(t.dtype).max:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    if math.isfinite(max(-lo, hi)):  # Inf/NaN already in the input stay as they are
+        _refuse_beyond(f"tensor {name}: values", max(-lo, hi), want)
+
+
+def _refuse_beyond(what: str, top: float, want: torch.dtype) -> None:
     limit = torch.finfo(want).max if want.is_floating_point else math.inf
-    if max(-lo, hi) > limit:
+    if top > limit:
         raise NumericalError(
-            f"module {module}: merged values reach {max(-lo, hi):.4g}, beyond the largest {want} ({limit:.4g}); "
-            "nothing was written. Merge with --dtype bfloat16 or float32"
+            f"{what} reach {top:.4g}, beyond the largest {want} ({limit:.4g}); nothing was written. "
+            "Choose a wider --dtype (bfloat16 or float32)"
         )
 
 
@@ -154,6 +169,8 @@ def merge_into_base(
     out_p = check_output_path(out, [base_p, *adapter_paths], overwrite=overwrite)
     if quantize is not None and quantize not in QUANT_CHOICES:
         raise UsageError(f"--quantize must be one of {', '.join(QUANT_CHOICES)}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
     dev = resolve_device(device)
     out_dtype = resolve_dtype(dtype)
     ckpt = open_checkpoint(base_p)
@@ -187,8 +204,6 @@ def merge_into_base(
     executor = _Executor(
         ckpt, adapter, plan, dev, groups, specs, quantize, dequantize, optimize_scales, report, out_dtype
     )
-    if threads is not None and threads < 1:
-        raise UsageError(f"threads must be at least 1, got {threads}")
     if threads is None:
         cpu_stream = not groups and not quantize and dev.type == "cpu"
         threads = max(1, torch.get_num_threads() - 1) if cpu_stream else torch.get_num_threads()
@@ -251,21 +266,6 @@ def _fsync_file(path: Path) -> None:
 def specs_dtype(specs: dict[str, Any]) -> torch.dtype:
     dts = {s.dtype for s in specs.values()}
     return dts.pop() if len(dts) == 1 else torch.bfloat16
-
-
-def check_narrowing(t: torch.Tensor, want: torch.dtype, name: str) -> None:
-    """Refuse converting finite values beyond the range of a narrower float dtype (they would become Inf)."""
-    if not (t.is_floating_point() and want.is_floating_point and t.numel()):
-        return
-    if torch.finfo(want).max >= torch.finfo(t.dtype).max:
-        return
-    lo, hi = (float(v) for v in torch.aminmax(t))
-    top = max(-lo, hi)
-    if math.isfinite(top) and top > torch.finfo(want).max:  # Inf/NaN already in the input stay as they are
-        raise NumericalError(
-            f"tensor {name}: values reach {top:.4g}, beyond the largest {want} ({torch.finfo(want).max:.4g}); "
-            "nothing was written. Choose a wider --dtype (bfloat16 or float32)"
-        )
 
 
 class _Executor:
@@ -355,21 +355,21 @@ class _Executor:
         """``W + B @ A`` computed and yielded in fp32 row chunks that stay in cache (linear/embedding, no DoRA).
 
         The source is read in blocks of :data:`READ_BYTES` into a reused buffer (plain reads: a source file
-        changed under us is an ``OSError``, never a ``SIGBUS`` as with a memory map); each chunk is widened to fp32 in a reused
-        buffer, gets ``B[rows] @ A`` added in place and is range-checked; the writer rounds it once to the
-        stored dtype. A yielded chunk is overwritten by the next one.
+        changed under us is an ``OSError``, never a ``SIGBUS`` as with a memory map); each chunk is widened
+        to fp32 in a reused buffer, gets ``B[rows] @ A`` added in place and is range-checked; the writer
+        rounds it once to the stored dtype. A yielded chunk is overwritten by the next one.
         """
         lr: LowRank = self.adapter.modules[job.module]
         m, n = job.src.shape
         rows = max(1, CHUNK_BYTES // (4 * n))
-        block = max(rows, READ_BYTES // (job.src.nbytes // m) // rows * rows)
+        row_bytes = job.src.nbytes // m
+        block = max(rows, READ_BYTES // row_bytes // rows * rows)
         ws_full = self.workspace.get(("rows", rows, n))
         if ws_full is None:
             ws_full = self.workspace[("rows", rows, n)] = torch.empty(rows, n, dtype=torch.float32, device=self.dev)
         a = lr.A.to(self.dev, torch.float32)
         b = lr.B.to(self.dev, torch.float32)
         fh = self.fh(job.src_file)
-        row_bytes = job.src.nbytes // m
         if self.read_buf is None or len(self.read_buf) < block * row_bytes:
             self.read_buf = bytearray(block * row_bytes)
         wsq = 0.0
