@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-from tests.helpers import make_adapter, tiny_gpt2, tiny_llama  # noqa: E402
+from tests.helpers import make_adapter, tiny_gpt2, tiny_llama, use_reference_4bit_kernels  # noqa: E402
+
+PACKED_4BIT_KERNEL = use_reference_4bit_kernels()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 LLAMA_CFG = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 
@@ -70,3 +70,19 @@ def input_ids(vocab: int = 128, batch: int = 2, length: int = 12, seed: int = 12
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
+
+
+def use_reference_4bit_kernels() -> bool:
+    """Make bitsandbytes run 4-bit layers on CPU with its reference kernel (dequantize, then fp32 matmul).
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks each ``Linear4bit`` at its first inference call for a
+    kernel that multiplies in bf16 and that fails when ``in_features`` is not a multiple of the block size
+    (``shape '[64, 1]' is invalid``). Tests that compare 4-bit logits with fp32 references at fp32 tolerances
+    need the reference kernel on every machine; ``tests/io/test_bnb4.py`` runs the packed kernel separately.
+    Returns whether the packed kernel would otherwise have been used.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    had = bool(bnb_modules.has_avx512bf16())
+    bnb_modules.has_avx512bf16 = lambda: False
+    return had

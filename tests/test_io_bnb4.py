@@ -34,6 +34,7 @@ from adaptermerge.io.bnb4 import (  # noqa: E402
 )
 from adaptermerge.io.checkpoint import open_checkpoint  # noqa: E402
 from adaptermerge.io.safetensors_header import read_header  # noqa: E402
+from tests.conftest import PACKED_4BIT_KERNEL  # noqa: E402
 from tests.helpers import input_ids  # noqa: E402
 
 TINY = dict(
@@ -288,6 +289,51 @@ def test_plain_path_is_bitsandbytes_quantize_4bit(
     theirs = bnbf.dequantize_4bit(want["w"], bnbf.QuantState.from_dict({k[2:]: v for k, v in want.items() if k != "w"}, device="cpu"))  # fmt: skip
     assert theirs.dtype == dtype and torch.equal(dequantize(want, "w", dtype), theirs)
     assert torch.equal(dequantize(want, "w").to(dtype), theirs)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True], ids=["nodq", "dq"])
+@pytest.mark.parametrize("shape", [(64, 96), (33, 66), (7, 130), (96, 64)])
+def test_dequantize_follows_the_definition_on_every_cpu(qt: str, dq: bool, shape: tuple[int, int]) -> None:
+    """Blocks run over the flattened weight. bitsandbytes' generic kernel (what GPUs compute too) is the
+    reference; its AVX512 CPU kernel takes blocks per row and is wrong for a last dimension that is not a
+    multiple of the block size, so it cannot be the reference here."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    torch.manual_seed(5)
+    w = torch.randn(*shape)
+    t = _bnb_tensors(w, qt, dq)
+    packed, state = _packed_and_state(t)
+    absmax = _decoded_absmax(t, "w") if dq else state.absmax
+    ref = _dequantize_4bit_compute(packed.reshape(-1), absmax, _get_4bit_code(qt, "cpu"), 64, shape, torch.float32)
+    ours = dequantize(t, "w")
+    assert torch.equal(ours, ref)
+    assert float((ours - w).norm() / w.norm()) < 0.15  # a 4-bit copy of w whatever the shape (the row-block bug: 0.28)
+
+
+@pytest.mark.skipif(not PACKED_4BIT_KERNEL, reason="bitsandbytes' AVX512-BF16 CPU kernel is not used on this CPU")
+def test_outputs_run_on_the_packed_cpu_kernel(q_folder: tuple[Path, str, bool], fp_folder: Path) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a bf16 kernel: our files work there too."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    folder, _, _ = q_folder
+    model = _load_q(folder)
+    sd = load_file(folder / "model.safetensors")
+    dense = LlamaForCausalLM.from_pretrained(fp_folder).eval()
+    dense_sd = dense.state_dict()
+    for name in group_quantized(sd):
+        dense_sd[name] = dequantize(sd, name)
+    dense.load_state_dict(dense_sd)
+    for mod in model.modules():
+        if isinstance(mod, bnb_modules.Linear4bit):
+            mod.support_avx512bf16_for_cpu = True
+    ids = input_ids()
+    with torch.no_grad():
+        got, want = model(ids).logits, dense(ids).logits
+    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+               if isinstance(m, bnb_modules.Linear4bit))  # fmt: skip
+    assert float((got - want).norm() / want.norm()) < 2e-2  # the kernel multiplies in bf16
 
 
 def test_quant_storage_other_than_uint8() -> None:

@@ -249,38 +249,55 @@ def read_spec(tensors: dict[str, torch.Tensor], weight_name: str) -> QuantSpec:
 
 
 def dequantize(tensors: dict[str, torch.Tensor], weight_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense weight (shape ``spec.shape``) of a 4-bit weight, computed by bitsandbytes.
+    """The dense weight (shape ``spec.shape``) of a 4-bit weight: ``quant_map[code] * absmax[block]``.
 
-    The values are computed in float32 (``quant_map[code] * absmax``) and then cast to ``dtype``; with ``dtype``
-    equal to the recorded dtype this is exactly what ``bitsandbytes.functional.dequantize_4bit`` returns.
+    Computed here from the format's definition (blocks run over the flattened weight; double-quantized
+    scales are ``nested_quant_map[code] * nested_absmax[block // nested_blocksize] + nested_offset``) in
+    float32, then cast to ``dtype``. We do not call ``bitsandbytes.functional.dequantize_4bit``: on CPUs with
+    AVX512, bitsandbytes 0.50 runs a kernel that takes blocks per row, so it returns wrong values when the last
+    dimension is not a multiple of the block size (a 96-wide MLP input: 28% relative error), and it reads FP4
+    code 8 (-0) as +0.0. The GPU kernels and bnb's generic CPU code follow the definition, and so does this.
     The float32 result re-quantizes to the same codes (see :func:`quantize`).
 
     Raises:
         InvalidCheckpoint: see :func:`read_spec`.
     """
-    import bitsandbytes.functional as bnbf
-
     spec = read_spec(tensors, weight_name)
-    prefix = weight_name + "."
-    qs_dict = {
-        k[len(prefix) :]: v
-        for k, v in tensors.items()
-        if k.startswith(prefix) and (k[len(prefix) - 1 :] in STAT_SUFFIXES or STATE_MARKER in k[len(prefix) - 1 :])
-    }
-    packed = tensors[weight_name]
-    try:
-        state = bnbf.QuantState.from_dict(qs_dict, device=packed.device)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise InvalidCheckpoint(f"bitsandbytes cannot read the quant state of {weight_name} ({e!r})") from None
-    state.dtype = torch.float32  # exact code * absmax; cast below
-    codes = packed.reshape(-1).view(torch.uint8).reshape(-1, 1)
-    out = bnbf.dequantize_4bit(codes, state).reshape(-1)
-    if spec.quant_type == "fp4" and spec.shape[-1] % 2:
-        # bnb's fallback kernel for an odd last dimension reads FP4 code 8 (-0) as +0.0; restore the sign so
-        # that the result re-quantizes to the same codes
-        nib = torch.stack([codes.reshape(-1) >> 4, codes.reshape(-1) & 15], dim=1).reshape(-1)[: spec.numel]
-        out = torch.where(nib == 8, torch.tensor(-0.0, device=out.device), out)
+    codes = tensors[weight_name].reshape(-1).view(torch.uint8)  # float quant_storage: the bytes are the codes
+    qmap = tensors[weight_name + ".quant_map"].to(torch.float32)
+    if spec.quant_type == "fp4":
+        qmap = qmap.clone()
+        qmap[8] = -0.0  # FP4 code 8 is negative zero: keep the sign so the value re-quantizes to code 8
+    absmax = decoded_absmax(tensors, weight_name, spec)
+    out = torch.empty(spec.numel, dtype=torch.float32, device=codes.device)
+    step = max(spec.blocksize, _CHUNK_ELEMENTS // spec.blocksize * spec.blocksize)  # whole blocks per chunk
+    for lo in range(0, spec.numel, step):
+        hi = min(spec.numel, lo + step)
+        byte = codes[lo // 2 : (hi + 1) // 2]
+        nib = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[: hi - lo].to(torch.int32)
+        scale = absmax[lo // spec.blocksize : -(-hi // spec.blocksize)].repeat_interleave(spec.blocksize)[: hi - lo]
+        torch.mul(qmap.index_select(0, nib), scale, out=out[lo:hi])
     return out.reshape(spec.shape).to(dtype)
+
+
+def decoded_absmax(tensors: dict[str, torch.Tensor], weight_name: str, spec: QuantSpec | None = None) -> torch.Tensor:
+    """The float32 scale of every block, with double quantization decoded."""
+    spec = spec or read_spec(tensors, weight_name)
+    absmax = tensors[weight_name + ".absmax"]
+    if not spec.double_quant:
+        return absmax.to(torch.float32)
+    key, _ = _state_key(tensors, weight_name)
+    offset = float(_read_state_json(tensors, key, weight_name)["nested_offset"])
+    nested = tensors[weight_name + ".nested_absmax"].to(torch.float32)
+    code8 = tensors[weight_name + ".nested_quant_map"].to(torch.float32)
+    nbs = spec.nested_blocksize or DEFAULT_NESTED_BLOCKSIZE
+    if nested.numel() != -(-absmax.numel() // nbs):
+        raise InvalidCheckpoint(
+            f"{weight_name}.nested_absmax holds {nested.numel()} values but {absmax.numel()} scales in blocks of "
+            f"{nbs} need {-(-absmax.numel() // nbs)}; the checkpoint is corrupt"
+        )
+    per_block = nested.repeat_interleave(nbs)[: absmax.numel()]
+    return code8.index_select(0, absmax.to(torch.int32)) * per_block + offset
 
 
 # --------------------------------------------------------------------------------------------- quantizing
