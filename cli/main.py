@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 bad data (corrupt/incompatible inputs), 2 usage errors,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -14,6 +15,10 @@ from typing import Any
 import click
 
 from adaptermerge.errors import AdapterMergeError
+
+# bitsandbytes logs at import, on CPUs with AVX512-BF16, that an optional kernel package is missing; peft imports
+# it on every command. We never use that kernel, and a command's errors must stay one line on stderr.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 _FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _MULTI_VALUE_OPTIONS = ("--weights", "--density")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
+from adaptermerge.io.peft_config import check_config, targets_module
 from adaptermerge.io.safetensors_header import read_header
 from adaptermerge.lowrank import LowRank
 
@@ -40,7 +41,6 @@ _SUFFIXES = {
     ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",
 }
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block|decoder\.layers|encoder\.layer)\.(\d+)(?:\.|$)")
 
 
 def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
@@ -79,27 +79,22 @@ def module_scaling(config: dict[str, Any], module_name: str) -> tuple[int, float
     return r, alpha, scale
 
 
-def is_targeted(config: dict[str, Any], module_name: str) -> bool:
-    """Whether PEFT's ``target_modules`` (list of suffixes or a regex) would select ``module_name``."""
-    tm = config.get("target_modules")
-    if tm is None:
+def _is_saved_base_tensor(config: dict[str, Any], name: str) -> bool:
+    """Whether a non-LoRA tensor is one PEFT saves beside the factors under ``config``.
+
+    ``modules_to_save`` copies (``score.weight``), base layers saved with embedding adapters
+    (``embed_tokens.base_layer.weight``, ``save_embedding_layers``), and trained biases (``bias="lora_only"``:
+    the targeted layers' ``base_layer.bias``; ``bias="all"``: every bias).
+    """
+    if name.endswith(".base_layer.weight"):
         return True
-    if isinstance(tm, str):
-        if tm == "all-linear":
-            return True
-        try:
-            return re.fullmatch(tm, module_name) is not None
-        except re.error as e:
-            raise InvalidAdapter(f"{CONFIG_NAME}: target_modules {tm!r} is not a valid regex ({e})") from None
-    if not isinstance(tm, (list, tuple)) or not all(isinstance(t, str) for t in tm):
-        raise InvalidAdapter(f"{CONFIG_NAME}: target_modules must be a list of names or a regex string, got {tm!r}")
-    return any(module_name == t or module_name.endswith("." + t) for t in tm)
-
-
-def layer_index(module_name: str) -> int | None:
-    """The transformer block index in a module path (``model.layers.3.mlp`` -> 3), if any."""
-    m = _LAYER_RE.search(module_name)
-    return int(m.group(1)) if m else None
+    bias_mode = config.get("bias") or "none"
+    if bias_mode == "all" and name.endswith(".bias"):
+        return True
+    if bias_mode == "lora_only" and name.endswith(".base_layer.bias"):
+        return True
+    mts = config.get("modules_to_save") or []
+    return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -126,6 +121,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapter(f"{folder} is a {peft_type} adapter; adaptermerge handles LoRA adapters only")
+    check_config(config, str(cfg_path))
     if "r" not in config:
         raise InvalidAdapter(f"{cfg_path} has no 'r' (LoRA rank)")
     for key in ("r", "lora_alpha"):
@@ -195,19 +191,14 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                 parts.setdefault(name[: -len(suf)], {})[role] = t
                 break
         else:
-            extra[key] = t
-            known = name.endswith((".base_layer.weight", ".base_layer.bias")) or any(
-                re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts
-            )
-            if not known:
-                warnings.append(
-                    f"unknown tensor {key} kept as an extra tensor (not a LoRA factor nor in modules_to_save)"
+            if not _is_saved_base_tensor(config, name):
+                raise UnsupportedAdapter(
+                    f"{folder / WEIGHTS_NAME}: tensor {key} is neither a LoRA factor nor a module or bias that "
+                    f"{CONFIG_NAME} saves (modules_to_save, bias); adaptermerge does not know what it computes"
                 )
+            extra[key] = t
 
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
     modules: dict[str, LowRank] = {}
     dtype: torch.dtype | None = None
     for name in sorted(parts, key=_natural_key):
@@ -254,10 +245,12 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             raise InvalidAdapter(
                 f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged"
             )
-        if not is_targeted(config, name):
-            warnings.append(f"module {name} is not matched by target_modules {config.get('target_modules')!r}")
-        if layers is not None and layer_index(name) is not None and layer_index(name) not in layers:
-            warnings.append(f"module {name} is outside layers_to_transform {layers}")
+        if not targets_module(config, name):
+            raise InvalidAdapter(
+                f"module {name} has LoRA factors but {CONFIG_NAME} does not target it (target_modules, "
+                "exclude_modules, layers_to_transform): PEFT would ignore them when loading, so they are not merged "
+                "either; fix the config or remove the tensors"
+            )
         modules[name] = lr
     if not modules:
         raise InvalidAdapter(
