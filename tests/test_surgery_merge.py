@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaModel
 
@@ -19,7 +20,16 @@ import adaptermerge
 from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, NumericalError, UsageError
 from adaptermerge.io.checkpoint import open_checkpoint
 from adaptermerge.surgery.merge import merge_into_base
-from tests.helpers import input_ids, make_adapter, peft_deltas, peft_model, tiny_gpt2, tiny_llama, tiny_llama_cls
+from tests.helpers import (
+    input_ids,
+    make_adapter,
+    peft_deltas,
+    peft_model,
+    rel_err,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_llama_cls,
+)
 
 
 def save_base(model: torch.nn.Module, folder: Path, shard: str = "60KB") -> Path:
@@ -147,18 +157,74 @@ def test_several_adapters_weighted(tmp_path: Path) -> None:
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(ref), atol=1e-5)
 
 
-def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+TIED_CASES = {
+    # name: (LoraConfig kwargs, checkpoint stores lm_head too, merged checkpoint stays tied)
+    "lora-embed": (dict(target_modules=["embed_tokens", "q_proj"]), False, False),
+    "lora-embed-both-stored": (dict(target_modules=["embed_tokens", "q_proj"]), True, False),
+    "lora-embed-and-head": (dict(target_modules=["embed_tokens", "lm_head", "q_proj"]), False, False),
+    "lora-embed-and-head-ensure-tying": (
+        dict(target_modules=["embed_tokens", "lm_head", "q_proj"], ensure_weight_tying=True), False, True),
+    "modules-to-save-embed": (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), False, False),
+    "modules-to-save-embed-ensure-tying": (
+        dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True), False, True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TIED_CASES))
+def test_tied_checkpoints_behave_like_the_trained_peft_model(tmp_path: Path, case: str) -> None:
+    """A tied embedding/head is one tensor W in the trained PEFT model; a change to one member (LoRA or a
+    modules_to_save copy) leaves the other member reading W. The merge keeps the checkpoint tied when every member
+    changes the same way (ensure_weight_tying) and unties it explicitly otherwise; PEFT's merge_and_unload applies
+    an embedding delta to the shared tensor (and, with a tied head LoRA, twice)."""
+    lora, both_stored, stays_tied = TIED_CASES[case]
+
     def tied(seed: int = 0):
         return tiny_llama(seed, tie=True)
 
     base = save_base(tied(), tmp_path / "base")
-    assert "lm_head.weight" not in open_checkpoint(base).weight_map
-    a = make_adapter(tmp_path / "a", tied, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    if both_stored:  # a tied checkpoint that stores the head too (equal values): transformers ties them
+        sd = tensors(base)
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        for f in base.glob("*.safetensors"):
+            f.unlink()
+        (base / "model.safetensors.index.json").unlink()
+        save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(3)
+    pm = get_peft_model(tied(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
+    with torch.no_grad():  # a trained modules_to_save copy differs from the base
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "a")
+    trained = logits(pm.eval())
+
+    rep = merge_into_base(base, tmp_path / "a", tmp_path / "out")
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert rel_err(logits(model), trained) < 1e-5
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    stored = set(open_checkpoint(tmp_path / "out").weight_map)
+    if stays_tied:
+        assert cfg.get("tie_word_embeddings", True) and ("lm_head.weight" in stored) == both_stored
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    else:
+        assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in stored
+        assert any("tie_word_embeddings: false" in w for w in rep.warnings)
+    if "embed" in case and "lora" in case:  # PEFT's own merge changes the shared tensor: not the trained model
+        peft_m = PeftModel.from_pretrained(tied(), str(tmp_path / "a")).merge_and_unload()
+        assert rel_err(logits(peft_m), trained) > 1e-2
+
+
+def test_tied_gpt2_embedding_adapter_unties(tmp_path: Path) -> None:
+    base = save_base(tiny_gpt2(), tmp_path / "base")
+    a = make_adapter(
+        tmp_path / "a", tiny_gpt2, r=4, lora_alpha=8, target_modules=["wte", "c_attn"], fan_in_fan_out=True
+    )
+    trained = logits(peft_model(tiny_gpt2, a))
     merge_into_base(base, a, tmp_path / "out")
-    assert "lm_head.weight" not in open_checkpoint(tmp_path / "out").weight_map
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert torch.allclose(logits(model), logits(peft_merged(tied, a)), atol=1e-5)
+    assert rel_err(logits(model), trained) < 1e-5
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
 
 
 def test_task_adapter_on_bare_checkpoint_adds_head(tmp_path: Path) -> None:

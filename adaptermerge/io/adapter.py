@@ -178,12 +178,36 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the adapter folder, not a file in it")
     config = _read_config(folder)
-    tensors = _read_tensors(folder, allow_pickle)
+    parts, extra = _split_tensors(_read_tensors(folder, allow_pickle))
+    modules = {name: _module_lowrank(name, parts[name], config) for name in sorted(parts, key=_natural_key)}
+    if not modules:
+        raise InvalidAdapter(
+            f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)"
+        )
+    _check_targets(config, modules)
+    _check_extras(config, extra, folder)
+    mts = config.get("modules_to_save") or []
+    first = next(iter(parts.values()))
+    dtype = next(t.dtype for t in first.values())
+    return Adapter(
+        modules=modules,
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        extra_tensors=extra,
+        modules_to_save=list(mts) if mts else None,
+        dtype=dtype,
+        config=config,
+        source=folder.resolve(),
+        warnings=[],
+    )
 
+
+def _split_tensors(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """LoRA parts per module (``A``, ``B``, ``bias``, ``magnitude``, ``emb_A``, ``emb_B``) and the other tensors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
-    warnings: list[str] = []
-    mts = config.get("modules_to_save") or []
     for key, t in tensors.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         for suf, role in _SUFFIXES.items():
@@ -191,85 +215,88 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                 parts.setdefault(name[: -len(suf)], {})[role] = t
                 break
         else:
-            if not _is_saved_base_tensor(config, name):
-                raise UnsupportedAdapter(
-                    f"{folder / WEIGHTS_NAME}: tensor {key} is neither a LoRA factor nor a module or bias that "
-                    f"{CONFIG_NAME} saves (modules_to_save, bias); adaptermerge does not know what it computes"
-                )
             extra[key] = t
+    return parts, extra
 
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    modules: dict[str, LowRank] = {}
-    dtype: torch.dtype | None = None
-    for name in sorted(parts, key=_natural_key):
-        p = parts[name]
-        r_cfg, _, scale = module_scaling(config, name)
-        if "emb_A" in p or "emb_B" in p:
-            if not ("emb_A" in p and "emb_B" in p):
-                raise InvalidAdapter(f"module {name}: lora_embedding_A and lora_embedding_B must both be present")
-            if "magnitude" in p:
-                raise UnsupportedAdapter(
-                    f"module {name}: DoRA on an embedding layer is not supported yet; train the adapter without "
-                    "use_dora on embeddings, or merge it with PEFT"
-                )
-            ea, eb = p["emb_A"], p["emb_B"]  # r x num_embeddings, dim x r
-            _check_pair(name, ea, eb, r_cfg)
-            dtype = dtype or ea.dtype
-            lr = LowRank(
-                A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding", scale=scale
+
+def _module_lowrank(name: str, p: dict[str, torch.Tensor], config: dict[str, Any]) -> LowRank:
+    """One module's factors in canonical form, scaling folded in, checked for shape, rank and finiteness."""
+    r_cfg, _, scale = module_scaling(config, name)
+    if "emb_A" in p or "emb_B" in p:
+        if not ("emb_A" in p and "emb_B" in p):
+            raise InvalidAdapter(f"module {name}: lora_embedding_A and lora_embedding_B must both be present")
+        if "magnitude" in p:
+            raise UnsupportedAdapter(
+                f"module {name}: DoRA on an embedding layer is not supported yet; train the adapter without "
+                "use_dora on embeddings, or merge it with PEFT"
             )
-        else:
-            if not ("A" in p and "B" in p):
-                missing = "lora_B" if "A" in p else "lora_A"
-                raise InvalidAdapter(f"module {name}: {missing} weight is missing; the adapter file is incomplete")
-            a, b = p["A"], p["B"]
-            _check_pair(name, a, b, r_cfg)
-            dtype = dtype or a.dtype
-            bias = p.get("bias")
-            if bias is not None and bias.shape != (b.shape[0],):
-                raise InvalidAdapter(
-                    f"module {name}: lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)"
-                )
-            mag = p.get("magnitude")
-            if mag is not None and mag.numel() != b.shape[0]:
-                raise InvalidAdapter(f"module {name}: DoRA magnitude has {mag.numel()} entries, expected {b.shape[0]}")
-            lr = LowRank(
-                A=a.float() * scale,
-                B=b.float(),
-                layout="conv1d" if fan_in_fan_out else "linear",
-                bias=None if bias is None else bias.float() * scale,
-                magnitude=None if mag is None else mag.float().reshape(-1),
-                scale=scale,
-            )
-        if not lr.is_finite():
-            raise InvalidAdapter(
-                f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged"
-            )
-        if not targets_module(config, name):
-            raise InvalidAdapter(
-                f"module {name} has LoRA factors but {CONFIG_NAME} does not target it (target_modules, "
-                "exclude_modules, layers_to_transform): PEFT would ignore them when loading, so they are not merged "
-                "either; fix the config or remove the tensors"
-            )
-        modules[name] = lr
-    if not modules:
-        raise InvalidAdapter(
-            f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)"
+        ea, eb = p["emb_A"], p["emb_B"]  # r x num_embeddings, dim x r
+        _check_pair(name, ea, eb, r_cfg)
+        lr = LowRank(A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding", scale=scale)
+    else:
+        if not ("A" in p and "B" in p):
+            missing = "lora_B" if "A" in p else "lora_A"
+            raise InvalidAdapter(f"module {name}: {missing} weight is missing; the adapter file is incomplete")
+        a, b = p["A"], p["B"]
+        _check_pair(name, a, b, r_cfg)
+        bias = p.get("bias")
+        if bias is not None and bias.shape != (b.shape[0],):
+            raise InvalidAdapter(f"module {name}: lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)")
+        mag = p.get("magnitude")
+        if mag is not None and mag.numel() != b.shape[0]:
+            raise InvalidAdapter(f"module {name}: DoRA magnitude has {mag.numel()} entries, expected {b.shape[0]}")
+        lr = LowRank(
+            A=a.float() * scale,
+            B=b.float(),
+            layout="conv1d" if config.get("fan_in_fan_out") else "linear",
+            bias=None if bias is None else bias.float() * scale,
+            magnitude=None if mag is None else mag.float().reshape(-1),
+            scale=scale,
         )
+    if not lr.is_finite():
+        raise InvalidAdapter(
+            f"module {name}: tensors contain NaN or Inf; the training run diverged or the file is damaged"
+        )
+    return lr
+
+
+def _tied_copy(config: dict[str, Any], t: Any, candidates: list[Any], same) -> bool:
+    """With ``ensure_weight_tying`` PEFT saves the tied partner of a targeted embedding (its LoRA factors, or its
+    ``modules_to_save`` copy) as well: such a tensor is exactly equal to one it is tied to."""
+    return bool(config.get("ensure_weight_tying")) and any(same(t, c) for c in candidates)
+
+
+def _same_lowrank(x: LowRank, y: LowRank) -> bool:
+    return x.A.shape == y.A.shape and x.B.shape == y.B.shape and torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+
+
+def _check_targets(config: dict[str, Any], modules: dict[str, LowRank]) -> None:
+    """Refuse factors of modules PEFT would not create a LoRA layer for (it would ignore them when loading)."""
+    targeted = {n for n in modules if targets_module(config, n)}
+    for name, lr in modules.items():
+        if name in targeted or _tied_copy(config, lr, [modules[t] for t in targeted], _same_lowrank):
+            continue
+        raise InvalidAdapter(
+            f"module {name} has LoRA factors but {CONFIG_NAME} does not target it (target_modules, "
+            "exclude_modules, layers_to_transform): PEFT would ignore them when loading, so they are not merged "
+            "either; fix the config or remove the tensors"
+        )
+
+
+def _check_extras(config: dict[str, Any], extra: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every non-LoRA tensor must be one the config saves (or its tied copy), and finite."""
+    known = {
+        k for k in extra if _is_saved_base_tensor(config, k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k)
+    }
     for key, t in extra.items():
+        same = lambda x, y: x.shape == y.shape and torch.equal(x, y)  # noqa: E731
+        if key not in known and not _tied_copy(config, t, [extra[k] for k in known], same):
+            raise UnsupportedAdapter(
+                f"{folder / WEIGHTS_NAME}: tensor {key} is neither a LoRA factor nor a module or bias that "
+                f"{CONFIG_NAME} saves (modules_to_save, bias); adaptermerge does not know what it computes"
+            )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InvalidAdapter(f"tensor {key}: contains NaN or Inf; the file is damaged")
-    return Adapter(
-        modules=modules,
-        base_model=config.get("base_model_name_or_path"),
-        task_type=config.get("task_type"),
-        extra_tensors=extra,
-        modules_to_save=list(mts) if mts else None,
-        dtype=dtype or torch.float32,
-        config=config,
-        source=folder.resolve(),
-        warnings=warnings,
-    )
 
 
 def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, r_cfg: int) -> None:

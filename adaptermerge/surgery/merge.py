@@ -232,7 +232,7 @@ def merge_into_base(
             shutil.copy2(f, tmp / f.name)
         _write_config(tmp, ckpt, out_dtype, quantize, dequantize, specs, executor)
         if len(ckpt.shards) > 1 or (base_p / INDEX_NAME).is_file():
-            _write_index(tmp, ckpt, out_plan)
+            _write_index(tmp, ckpt, out_plan, plan.rename[1])
         from adaptermerge.surgery.card import merge_card, merge_recipe
 
         recipe = merge_recipe(base_p, loaded, adapter, weights, method, rank, energy, out_dtype, quantize, dequantize)
@@ -349,7 +349,8 @@ class _Executor:
 
     def _streamable(self, job) -> bool:
         lr: LowRank = self.adapter.modules[job.module]
-        return lr.layout != "conv1d" and lr.magnitude is None and len(job.src.shape) == 2 and job.src.numel > 0
+        plain = lr.layout != "conv1d" and lr.magnitude is None and job.extra_key is None
+        return plain and len(job.src.shape) == 2 and job.src.numel > 0
 
     def _merge_rows(self, job, want: torch.dtype):
         """``W + B @ A`` computed and yielded in fp32 row chunks that stay in cache (linear/embedding, no DoRA).
@@ -423,7 +424,8 @@ class _Executor:
             writer.write_chunks(name, self._merge_rows(job, want))
             self.report.modules.append(self.last)
         elif job.action == "merge":
-            new = self.merged_weight(job.module, self.read_src(job), want)
+            base = self.adapter.extra_tensors[job.extra_key] if job.extra_key else self.read_src(job)
+            new = self.merged_weight(job.module, base, want)
             self.report.modules.append(self.last)
             writer.write_tensor(name, new.to("cpu", want))
         elif job.action == "bias":
@@ -448,6 +450,8 @@ def _write_config(tmp: Path, ckpt: Checkpoint, out_dtype, quantize, dequantize, 
     if not cfg_path.is_file():
         return
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if executor.plan.untie:
+        cfg["tie_word_embeddings"] = False
     if out_dtype is not None:
         name = str(out_dtype).replace("torch.", "")
         for k in ("torch_dtype", "dtype"):
@@ -460,13 +464,16 @@ def _write_config(tmp: Path, ckpt: Checkpoint, out_dtype, quantize, dequantize, 
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_index(tmp: Path, ckpt: Checkpoint, shards: list[ShardPlan]) -> None:
+def _write_index(tmp: Path, ckpt: Checkpoint, shards: list[ShardPlan], prefix: str) -> None:
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = sum(s.nbytes for s in shards)
     if isinstance(meta.get("total_parameters"), int):
         # transformers counts logical parameters (4-bit packed weights twice), so re-quantizing changes
         # nothing; only tensors the base lacked (a head from modules_to_save) add to the count
-        meta["total_parameters"] += sum(math.prod(j.out.shape) for s in shards for j in s.jobs if j.action == "add")
+        # (as do untied copies of a tied tensor)
+        meta["total_parameters"] += sum(
+            math.prod(j.out.shape) for s in shards for j in s.jobs if j.src is None or j.out.name != prefix + j.src.name
+        )
     weight_map = {j.out.name: s.file for s in shards for j in s.jobs}
     (tmp / INDEX_NAME).write_text(
         json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"

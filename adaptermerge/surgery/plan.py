@@ -60,6 +60,7 @@ class MergePlan:
     rename: tuple[str, str]  # (strip, add) prefix applied to every checkpoint key
     quantized: dict[str, str] = field(default_factory=dict)  # output weight key -> quant type of touched 4-bit modules
     warnings: list[str] = field(default_factory=list)
+    untie: bool = False  # write tie_word_embeddings: false (tied members now differ)
 
     @property
     def total_bytes(self) -> int:
@@ -105,7 +106,9 @@ def _fix_layouts(ckpt: Checkpoint, adapter: Adapter) -> Adapter:
 
     from adaptermerge.surgery.arch import weight_layouts
 
-    layouts, _ = weight_layouts(ckpt)
+    layouts, head = weight_layouts(ckpt)
+    if head is not None:
+        layouts.setdefault(head, "linear")  # a tied head is not stored, but it is an nn.Linear
     fixed = {}
     for n, m in adapter.modules.items():
         kind = next((v for k, v in layouts.items() if k == n + ".weight" or k.endswith("." + n + ".weight")), None)
@@ -113,23 +116,91 @@ def _fix_layouts(ckpt: Checkpoint, adapter: Adapter) -> Adapter:
     return replace(adapter, modules=fixed)
 
 
-def _drop_tied_head_copy(ckpt: Checkpoint, adapter: Adapter, keys: set[str]) -> Adapter:
-    """A tied checkpoint stores the head and the input embedding as one tensor: a head module that carries
-    exactly the embedding module's delta (as ``extract`` writes for tied models) is merged once, through the
-    embedding."""
-    if not ckpt.config.get("tie_word_embeddings", True):
-        return adapter
-    embs = [m for m in adapter.modules.values() if m.layout == "embedding"]
-    drop = [
-        n for n, m in adapter.modules.items()
-        if m.layout != "embedding" and not any(k.endswith(n.split(".")[-1] + ".weight") for k in keys)
-        and any(torch.equal(m.A, e.A) and torch.equal(m.B, e.B) for e in embs)
-    ]  # fmt: skip
-    if not drop:
-        return adapter
-    from dataclasses import replace
+@dataclass
+class _Change:
+    """What a merge does to one checkpoint key: replace it with an adapter tensor, then add a module's delta."""
 
-    return replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in drop})
+    replace: str | None = None  # adapter extra-tensor key (modules_to_save copy, or a saved base layer)
+    module: str | None = None  # adapter module whose delta is added
+
+    def same_as(self, other: _Change, adapter: Adapter) -> bool:
+        """Whether both changes give the same tensor from the same base tensor."""
+        if (self.replace is None) != (other.replace is None) or (self.module is None) != (other.module is None):
+            return False
+        if self.replace is not None and not _equal(
+            adapter.extra_tensors[self.replace], adapter.extra_tensors[other.replace]
+        ):
+            return False
+        if self.module is not None:
+            a, b = adapter.modules[self.module], adapter.modules[other.module]
+            same = _equal(a.A, b.A) and _equal(a.B, b.B) and a.weight_shape == b.weight_shape
+            return same and a.bias is None and b.bias is None and a.magnitude is None and b.magnitude is None
+        return True
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))
+
+
+@dataclass
+class _Ties:
+    """transformers' tied-weight groups of a checkpoint, as a merge must treat them."""
+
+    groups: list[list[str]]  # each: keys loaded as one tensor; at least one stored
+    alias: dict[str, str]  # absent member -> the stored member whose bytes it shares
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> _Ties:
+        from adaptermerge.surgery.arch import tie_groups
+
+        keys = set(ckpt.weight_map)
+        groups, alias = [], {}
+        for g in tie_groups(ckpt):
+            stored = [k for k in g if k in keys]
+            if not stored or not _stored_equal(ckpt, stored):
+                continue  # nothing to tie to, or transformers itself unties differing stored tensors
+            groups.append(g)
+            alias.update({k: stored[0] for k in g if k not in keys})
+        return cls(groups, alias)
+
+
+def _stored_equal(ckpt: Checkpoint, stored: list[str]) -> bool:
+    """transformers ties stored members only when their values are equal (compares bytes, 8 MiB at a time)."""
+    infos = [ckpt.info(k) for k in stored]
+    if len({(i.dtype, tuple(i.shape)) for i in infos}) > 1:
+        return False
+    if len(infos) == 1:
+        return True
+    handles = [open(ckpt.path / ckpt.weight_map[k], "rb") for k in stored]  # noqa: SIM115 - closed below
+    try:
+        for off in range(0, infos[0].nbytes, 8 << 20):
+            n = min(8 << 20, infos[0].nbytes - off)
+            blocks = []
+            for h, i in zip(handles, infos, strict=True):
+                h.seek(i.start + off)
+                blocks.append(h.read(n))
+            if any(b != blocks[0] for b in blocks[1:]):
+                return False
+        return True
+    finally:
+        for h in handles:
+            h.close()
+
+
+def _untie(ties: _Ties, changes: dict[str, _Change], adapter: Adapter) -> bool:
+    """Whether the merged model must untie: some group's members change differently.
+
+    In the trained PEFT model a tied group is one tensor ``W``; a LoRA or a ``modules_to_save`` copy on one member
+    (say the input embedding) changes only that member's use of ``W`` (the output head still reads ``W``). A tied
+    checkpoint keeps that behaviour only while every member's change is the same (e.g. the same delta on the
+    embedding and on the head, as ``ensure_weight_tying`` trains it); otherwise every member is written with its
+    own change and ``tie_word_embeddings`` is set to false, as transformers unties.
+    """
+    for g in ties.groups:
+        first = changes.get(g[0], _Change())
+        if any(not changes.get(k, _Change()).same_as(first, adapter) for k in g[1:]):
+            return True
+    return False
 
 
 def plan_merge(
@@ -153,9 +224,9 @@ def plan_merge(
     """
     keys = set(ckpt.weight_map)
     groups = quantized_members or {}
-    adapter = _fix_layouts(ckpt, _drop_tied_head_copy(ckpt, adapter, keys))
-    member_of = {m: w for w, ms in groups.items() for m in ms}
-    pm = choose_prefix_map(adapter.modules, keys)
+    ties = _Ties.of(ckpt)
+    adapter = _fix_layouts(ckpt, adapter)
+    pm = choose_prefix_map(adapter.modules, keys | set(ties.alias))
     if pm is None:
         missing = next(n for n in adapter.modules if f"{n}.weight" not in keys)
         raise IncompatibleAdapters(
@@ -163,89 +234,171 @@ def plan_merge(
             f"without a model prefix); the adapter was made for another architecture than {ckpt.path}"
         )
     strip, add = pm
-    # modules_to_save tensors: adapter keys -> checkpoint naming
-    extras: dict[str, str] = {}
-    for k in adapter.extra_tensors:
-        name = k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k
-        name = name.replace(".base_layer.", ".")
-        extras[_map(name, strip, add)] = k
+    extras = _extra_keys(adapter, strip, add)
     rename = ("", "")
-    new_heads = [n for n in extras if n not in keys]
-    if new_heads and strip:
+    if strip and any(n not in keys and n not in ties.alias for n in extras):
         # A head the bare checkpoint lacks: write the output with the task model's naming so that
         # transformers finds both the head and the backbone.
         rename = ("", strip)
-        extras = {strip + n: k for n, k in extras.items()}
-    modules = {m: rename[1] + _map(m, strip, add) + ".weight" for m in adapter.modules}
-    by_key = {v: m for m, v in modules.items()}
-    bias_of = {v[: -len("weight")] + "bias": m for m, v in modules.items() if adapter.modules[m].bias is not None}
+    modules = {m: _map(m, strip, add) + ".weight" for m in adapter.modules}
+    changes = _changes(adapter, modules, extras)
+    quantized = _check_shapes(ckpt, adapter, modules, groups, quant_specs or {}, ties)
+    untie = _untie(ties, changes, adapter)
+    shards = _shard_jobs(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype)
+    warnings = [f"added {j.out.name} from the adapter's modules_to_save (the base has no such tensor)"
+                for s in shards for j in s.jobs if j.action == "add"]  # fmt: skip
+    if untie:
+        warnings.append(
+            "the base ties its input embedding and output head, but the adapter changes them differently (as the "
+            "trained PEFT model uses them): the merged checkpoint stores both and sets tie_word_embeddings: false"
+        )
+    modules = {m: rename[1] + k for m, k in modules.items()}
+    quantized = {rename[1] + k: v for k, v in quantized.items()}
+    return MergePlan(shards, modules, rename, quantized, warnings, untie)
 
-    tie = bool(ckpt.config.get("tie_word_embeddings", False))
-    warnings: list[str] = []
+
+def _extra_keys(adapter: Adapter, strip: str, add: str) -> dict[str, str]:
+    """Checkpoint key -> adapter tensor key for the non-LoRA tensors (``modules_to_save``, saved base layers)."""
+    extras: dict[str, str] = {}
+    for k in adapter.extra_tensors:
+        name = k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k
+        extras[_map(name.replace(".base_layer.", "."), strip, add)] = k
+    return extras
+
+
+def _changes(adapter: Adapter, modules: dict[str, str], extras: dict[str, str]) -> dict[str, _Change]:
+    """Checkpoint key -> its change. A key with both a saved base layer and a delta gets the delta added to the
+    saved base (PEFT loads the saved base layer over the model's, e.g. after a vocabulary resize)."""
+    changes: dict[str, _Change] = {k: _Change(replace=e) for k, e in extras.items()}
+    for m, key in modules.items():
+        changes.setdefault(key, _Change()).module = m
+        if adapter.modules[m].bias is not None:
+            changes.setdefault(key[: -len("weight")] + "bias", _Change()).module = m
+    return changes
+
+
+def _check_shapes(
+    ckpt: Checkpoint,
+    adapter: Adapter,
+    modules: dict[str, str],
+    groups: dict[str, list[str]],
+    specs: dict[str, tuple[tuple[int, ...], str]],
+    ties: _Ties,
+) -> dict[str, str]:
+    """Refuse deltas whose shape differs from the checkpoint's weight; returns the touched 4-bit keys' quant types."""
+    keys = set(ckpt.weight_map)
     quantized: dict[str, str] = {}
     for m, key in modules.items():
-        src_key = key[len(rename[1]) :]
         lr = adapter.modules[m]
-        if src_key in groups:
-            shape, quantized[key] = (quant_specs or {})[src_key]
+        stored = ties.alias.get(key, key)
+        if stored in groups:
+            shape, quantized[key] = specs[stored]
         else:
-            shape = ckpt.info(src_key).shape
+            shape = ckpt.info(stored).shape
         if tuple(shape) != tuple(lr.weight_shape):
             raise IncompatibleAdapters(
                 f"module {m}: the adapter's delta has shape {list(lr.weight_shape)} ({lr.layout}) but the checkpoint's "
-                f"{src_key} has shape {list(shape)}; the adapter was made for a different base model"
+                f"{key} has shape {list(shape)}; the adapter was made for a different base model"
             )
-        if lr.bias is not None and (src_key[: -len("weight")] + "bias") not in keys:
-            raise IncompatibleAdapters(f"module {m} trains a bias (lora_bias) but the base layer {src_key} has none")
-    if tie and any(m.endswith("lm_head") for m in adapter.modules) and "lm_head.weight" not in keys:
-        raise IncompatibleAdapters(
-            "the adapter changes lm_head, but this checkpoint ties lm_head to the input embeddings (no lm_head.weight); "
-            "merging would change both"
-        )
+        if lr.bias is not None and (stored[: -len("weight")] + "bias") not in keys:
+            raise IncompatibleAdapters(f"module {m} trains a bias (lora_bias) but the base layer {key} has none")
+    return quantized
 
+
+def _shard_jobs(
+    ckpt: Checkpoint,
+    adapter: Adapter,
+    changes: dict[str, _Change],
+    extras: dict[str, str],
+    ties: _Ties,
+    untie: bool,
+    rename: tuple[str, str],
+    groups: dict[str, list[str]],
+    out_dtype: str | None,
+) -> list[ShardPlan]:
+    """One job per output tensor, in the source order; tensors the base lacks go at the end of the last shard."""
+    keys = set(ckpt.weight_map)
+    member_of = {m: w for w, ms in groups.items() for m in ms}
+    tied_stored = {k for g in ties.groups for k in g if k in keys}
     shards: list[ShardPlan] = []
-    added = set()
     files = list(ckpt.shards)
     for fi, f in enumerate(files):
         header = ckpt.shards[f]
         jobs: list[Job] = []
         for name, info in header.tensors.items():
-            out_name = rename[1] + name
             dtype = info.dtype
             if out_dtype and dtype in FLOAT_DTYPES and name not in member_of:
                 dtype = out_dtype
-            out = PlannedTensor(out_name, dtype, info.shape)
+            out = PlannedTensor(rename[1] + name, dtype, info.shape)
             if name in member_of:
-                action = "quant" if (rename[1] + member_of[name]) in by_key else "copy"
-                jobs.append(Job(out, action, f, info, by_key.get(rename[1] + member_of[name]), group=member_of[name]))
-            elif out_name in by_key:
-                jobs.append(Job(out, "merge", f, info, by_key[out_name]))
-            elif out_name in bias_of:
-                jobs.append(Job(out, "bias", f, info, bias_of[out_name]))
-            elif out_name in extras:
-                t = adapter.extra_tensors[extras[out_name]]
-                if tuple(t.shape) != tuple(info.shape):
-                    raise IncompatibleAdapters(
-                        f"modules_to_save tensor {extras[out_name]} has shape {list(t.shape)} but the checkpoint's {name} has {list(info.shape)}"
-                    )
-                jobs.append(
-                    Job(PlannedTensor(out_name, dtype, info.shape), "replace", f, info, extra_key=extras[out_name])
-                )
-                added.add(out_name)
-            else:
-                jobs.append(Job(out, "copy" if dtype == info.dtype else "convert", f, info))
+                w = member_of[name]
+                module = changes[w].module if w in changes else None
+                jobs.append(Job(out, "quant" if module else "copy", f, info, module, group=w))
+                continue
+            change = changes.get(name)
+            if name in tied_stored and not untie:
+                change = _tied_change(name, ties, changes)
+            jobs.append(_job(out, f, info, change, adapter, name))
         if fi == len(files) - 1:
-            from adaptermerge.io.stream import TORCH_TO_ST
-
-            for out_name, k in extras.items():
-                if out_name in added or out_name[len(rename[1]) :] in keys:
-                    continue
-                t = adapter.extra_tensors[k]
-                dtype = out_dtype if (out_dtype and t.is_floating_point()) else TORCH_TO_ST[t.dtype]
-                jobs.append(Job(PlannedTensor(out_name, dtype, tuple(t.shape)), "add", extra_key=k))
-                warnings.append(f"added {out_name} from the adapter's modules_to_save (the base has no such tensor)")
+            jobs += _added_jobs(ckpt, adapter, changes, extras, ties, untie, rename, out_dtype)
         shards.append(ShardPlan(f, jobs, dict(header.metadata) or {"format": "pt"}))
-    return MergePlan(shards, modules, rename, quantized, warnings)
+    return shards
+
+
+def _tied_change(name: str, ties: _Ties, changes: dict[str, _Change]) -> _Change | None:
+    """In a group that stays tied every member's change is the same: the stored member takes any member's."""
+    group = next(g for g in ties.groups if name in g)
+    return next((changes[k] for k in group if k in changes), None)
+
+
+def _job(
+    out: PlannedTensor, f: str | None, info: TensorInfo, change: _Change | None, adapter: Adapter, key: str
+) -> Job:
+    """The job that writes ``out`` from the source tensor ``info`` with ``change`` applied."""
+    if change is None:
+        return Job(out, "copy" if out.dtype == info.dtype else "convert", f, info)
+    if change.module is not None and key.endswith(".bias"):
+        return Job(out, "bias", f, info, change.module)
+    if change.replace is not None:
+        t = adapter.extra_tensors[change.replace]
+        if tuple(t.shape) != tuple(info.shape):
+            raise IncompatibleAdapters(
+                f"adapter tensor {change.replace} has shape {list(t.shape)} but the checkpoint's {key} has "
+                f"{list(info.shape)}; the adapter was made for a different base model"
+            )
+    if change.module is not None:
+        return Job(out, "merge", f, info, change.module, extra_key=change.replace)
+    return Job(out, "replace", f, info, extra_key=change.replace)
+
+
+def _added_jobs(
+    ckpt: Checkpoint,
+    adapter: Adapter,
+    changes: dict[str, _Change],
+    extras: dict[str, str],
+    ties: _Ties,
+    untie: bool,
+    rename: tuple[str, str],
+    out_dtype: str | None,
+) -> list[Job]:
+    """Tensors the base does not store: untied members of tied groups, and heads from ``modules_to_save``."""
+    from adaptermerge.io.stream import TORCH_TO_ST
+
+    keys = set(ckpt.weight_map)
+    jobs: list[Job] = []
+    if untie:
+        for absent, stored in ties.alias.items():
+            info = ckpt.info(stored)
+            dtype = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
+            out = PlannedTensor(rename[1] + absent, dtype, info.shape)
+            jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))
+    for name, k in extras.items():
+        if name in keys or name in ties.alias:
+            continue
+        t = adapter.extra_tensors[k]
+        dtype = out_dtype if (out_dtype and t.is_floating_point()) else TORCH_TO_ST[t.dtype]
+        jobs.append(Job(PlannedTensor(rename[1] + name, dtype, tuple(t.shape)), "add", extra_key=k))
+    return jobs
 
 
 def non_weight_files(folder: Path, weight_files: Iterable[str]) -> tuple[list[Path], list[str]]:
