@@ -298,6 +298,7 @@ def combine(
                 f"factor-linear (PEFT's 'linear') is not the weighted sum of the deltas: relative error against the exact sum "
                 f"is {sum(errs) / len(errs):.3f} on average, {max(errs):.3f} at worst; use --method linear for the exact sum"
             )
+    warnings += _bias_notes(modules, module_names)
     task_types = {a.task_type for a in loaded} - {None}
     if len(task_types) > 1:
         warnings.append(f"adapters have different task types {sorted(task_types)}; the first is kept")
@@ -322,6 +323,19 @@ def combine(
             "modules": [asdict(r) for r in (reports[m] for m in module_names)],
         },
     )
+
+
+def _bias_notes(modules: dict[str, LowRank], module_names: list[str]) -> list[str]:
+    """Say what PEFT does with ``lora_bias`` when only some modules carry a bias."""
+    with_bias = [m for m in module_names if m in modules and modules[m].bias is not None]
+    if not with_bias or len(with_bias) == len(modules):
+        return []
+    return [
+        f"lora_bias: {len(with_bias)} of {len(modules)} modules carry a lora_B bias (from the inputs that trained one); "
+        "the config says lora_bias: true, so PEFT gives the other modules a zero bias when loading (it reports them "
+        "as missing keys). PEFT's merge_and_unload, and adaptermerge merge, need a base layer with a bias for every "
+        "module that carries one"
+    ]
 
 
 def save_combined(result: Adapter, out: str | os.PathLike, overwrite: bool = False) -> Path:

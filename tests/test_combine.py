@@ -264,3 +264,63 @@ def test_weights_with_equals_sign(tmp_path: Path, pair) -> None:
     a, b = pair
     p = cli("combine", str(a), str(b), "--weights=0.7", "0.3", "-o", str(tmp_path / "o"), "--json")
     assert p.returncode == 0, p.stderr and json.loads(p.stdout)["weights"] == [0.7, 0.3]
+
+
+def tiny_llama_bias(seed: int = 0):
+    """A tiny Llama whose attention projections have biases (as Qwen2's do), so lora_bias can be merged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import LLAMA_CFG
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_CFG, attention_bias=True)).eval()
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.6, -0.4)])
+def test_lora_bias_combined_with_plain_adapter(tmp_path: Path, weights: tuple[float, float]) -> None:
+    """Biases are weighted like the deltas and written only where an input trained one; PEFT loads the result
+    (zero bias elsewhere) and it merges into a base with biases."""
+    from tests.helpers import input_ids, peft_deltas, peft_model, rel_err
+
+    a = make_adapter(tmp_path / "a", tiny_llama_bias, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1)
+    b = make_adapter(
+        tmp_path / "b", tiny_llama_bias, r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True, seed=2
+    )
+    pa, pb = peft_model(tiny_llama_bias, a), peft_model(tiny_llama_bias, b)
+    with torch.no_grad():  # PEFT's non-zero lora_B biases, as a trained adapter has them
+        for mod in pb.modules():
+            if hasattr(mod, "lora_B") and "a0" in mod.lora_B:
+                mod.lora_B["a0"].bias.normal_()
+    pb.save_pretrained(tmp_path / "b2")
+    b = tmp_path / "b2" / "a0"  # PEFT saves a non-default adapter name in a subfolder
+    pb = peft_model(tiny_llama_bias, b)
+    m = adaptermerge.combine([a, b], list(weights))
+    want_bias = {}
+    for name, mod in pb.base_model.model.named_modules():
+        if hasattr(mod, "lora_B") and "a0" in mod.lora_B:
+            want_bias[name] = weights[1] * mod.scaling["a0"] * mod.lora_B["a0"].bias.detach()
+    assert {n for n, lr in m.modules.items() if lr.bias is not None} == set(want_bias)
+    for n, bias in want_bias.items():
+        assert torch.allclose(m.modules[n].bias, bias, atol=1e-6), n
+    assert any("lora_bias" in w for w in m.warnings)
+    out = adaptermerge.save_combined(m, tmp_path / "out")
+
+    expected = tiny_llama_bias(0)
+    mods = dict(expected.named_modules())
+    with torch.no_grad():
+        for pm, w in ((pa, weights[0]), (pb, weights[1])):
+            for name, d in peft_deltas(pm, "a0").items():
+                mods[name].weight += w * d
+        for name, bias in want_bias.items():
+            mods[name].bias += bias
+        want = expected(input_ids=input_ids()).logits
+        got = peft_model(tiny_llama_bias, out)(input_ids=input_ids()).logits
+    assert rel_err(got, want) < 1e-5
+    base = tmp_path / "base"
+    tiny_llama_bias(0).save_pretrained(base)
+    adaptermerge.merge_into_base(base, out, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=input_ids()).logits
+    assert rel_err(merged, want) < 1e-5

@@ -363,7 +363,6 @@ def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> di
     """The tensors PEFT expects, keyed as PEFT writes them, in ``dtype`` (default: the adapter's)."""
     dtype = dtype or adapter.dtype
     sd: dict[str, torch.Tensor] = {}
-    bias_all = adapter.uses_bias
     for name, m in adapter.modules.items():
         if m.rank == 0:
             continue
@@ -374,9 +373,8 @@ def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> di
             continue
         sd[key + ".lora_A.weight"] = m.A.to(dtype).contiguous()
         sd[key + ".lora_B.weight"] = m.B.to(dtype).contiguous()
-        if bias_all:
-            bias = m.bias if m.bias is not None else torch.zeros(m.shape[0])
-            sd[key + ".lora_B.bias"] = bias.to(dtype).contiguous()
+        if m.bias is not None:  # only where an input had one: PEFT starts the others at zero, as we read them
+            sd[key + ".lora_B.bias"] = m.bias.to(dtype).contiguous()
         if m.magnitude is not None:
             sd[key + ".lora_magnitude_vector"] = m.magnitude.to(dtype).contiguous()
     for key, t in adapter.extra_tensors.items():
