@@ -102,3 +102,11 @@ def test_real_peft_adapters_with_unmodeled_fields_are_refused(tmp_path: Path, lo
     folder = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora)
     with pytest.raises(UnsupportedAdapter, match=next(iter(lora))):
         adaptermerge.load_adapter(folder)
+
+
+def test_docs_list_every_field() -> None:
+    from adaptermerge.io.peft_config import fields_table
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "formats.md").read_text()
+    start, end = text.index("<!-- fields-table:start -->\n"), text.index("\n<!-- fields-table:end -->")
+    assert text[start + len("<!-- fields-table:start -->\n") : end] == fields_table()

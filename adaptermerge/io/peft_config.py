@@ -261,3 +261,11 @@ def targets_module(config: dict[str, Any], module_name: str) -> bool:
         layers_pattern=config.get("layers_pattern"),
     )
     return bool(check_target_module_exists(ns, module_name))  # an excluded module's marker is falsy
+
+
+def fields_table() -> str:
+    """The markdown table of every field and its treatment (docs/formats.md holds it; a test keeps it current)."""
+    rows = ["| field | treatment | meaning |", "|---|---|---|"]
+    for name, rule in sorted(RULES.items(), key=lambda kv: (list(Kind).index(kv[1].kind), kv[0])):
+        rows.append(f"| `{name}` | {rule.kind.value} | {rule.meaning} |")
+    return "\n".join(rows)
