@@ -263,7 +263,8 @@ def test_cancelling_sum_is_zero_and_not_written(tmp_path: Path, pair) -> None:
 def test_weights_with_equals_sign(tmp_path: Path, pair) -> None:
     a, b = pair
     p = cli("combine", str(a), str(b), "--weights=0.7", "0.3", "-o", str(tmp_path / "o"), "--json")
-    assert p.returncode == 0, p.stderr and json.loads(p.stdout)["weights"] == [0.7, 0.3]
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["weights"] == [0.7, 0.3]
 
 
 def tiny_llama_bias(seed: int = 0):

@@ -447,7 +447,8 @@ def test_killed_merge_leaves_no_output_folder(tmp_path: Path) -> None:
     assert partial and not out.exists()
     # the next run is not confused by the leftover partial folder
     p = cli("merge", str(tmp_path / "base"), str(a), "-o", str(out), "--quiet")
-    assert p.returncode == 0, p.stderr and out.is_dir()
+    assert p.returncode == 0, p.stderr
+    assert out.is_dir()
 
 
 def test_scalar_tensor_converted(tmp_path: Path) -> None:
