@@ -24,7 +24,10 @@ ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-for _st, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+for _st, _name in (
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+):  # fmt: skip
     if hasattr(torch, _name):  # torch >= 2.3
         ST_TO_TORCH[_st] = getattr(torch, _name)
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}

@@ -413,10 +413,12 @@ class _Executor:
             self.handles.clear()
 
     def _write_job(self, writer: ShardWriter, job) -> None:
-        name, want = job.out.name, ST_TO_TORCH[job.out.dtype]
-        if job.action == "copy":
+        name = job.out.name
+        if job.action == "copy":  # bytes only: any dtype safetensors knows, sub-byte ones included
             writer.copy_tensor(name, self.fh(job.src_file), job.src)
-        elif job.action == "convert":
+            return
+        want = ST_TO_TORCH[job.out.dtype]
+        if job.action == "convert":
             src = self.read_src(job)
             check_narrowing(src, want, name)
             writer.write_tensor(name, src.to(want))
