@@ -8,8 +8,8 @@ Example:
     >>> merged.save("adapters/math-code")  # doctest: +SKIP
 """
 
-from adaptermerge.adapter import Adapter
-from adaptermerge.combination import combine, save_combined
+from typing import TYPE_CHECKING
+
 from adaptermerge.errors import (
     AdapterMergeError,
     IncompatibleAdapters,
@@ -21,13 +21,50 @@ from adaptermerge.errors import (
     UnsupportedAdapter,
     UsageError,
 )
-from adaptermerge.inspection import describe
-from adaptermerge.io.adapter import load_adapter
-from adaptermerge.io.checkpoint import open_checkpoint
-from adaptermerge.lowrank import LowRank
-from adaptermerge.surgery.extract import extract_lora, save_extracted
-from adaptermerge.surgery.merge import MergeReport, merge_into_base
-from adaptermerge.surgery.resize import resize_adapter
+
+# Public names -> the module that defines them. They are imported on first use (PEP 562), so that
+# ``import adaptermerge`` and the CLI's ``--help``/``--version`` do not pay for importing torch.
+_LAZY = {
+    "Adapter": "adaptermerge.adapter",
+    "combine": "adaptermerge.combination",
+    "save_combined": "adaptermerge.combination",
+    "describe": "adaptermerge.inspection",
+    "load_adapter": "adaptermerge.io.adapter",
+    "open_checkpoint": "adaptermerge.io.checkpoint",
+    "LowRank": "adaptermerge.lowrank",
+    "extract_lora": "adaptermerge.surgery.extract",
+    "save_extracted": "adaptermerge.surgery.extract",
+    "MergeReport": "adaptermerge.surgery.merge",
+    "merge_into_base": "adaptermerge.surgery.merge",
+    "resize_adapter": "adaptermerge.surgery.resize",
+}
+
+if TYPE_CHECKING:
+    from adaptermerge.adapter import Adapter
+    from adaptermerge.combination import combine, save_combined
+    from adaptermerge.inspection import describe
+    from adaptermerge.io.adapter import load_adapter
+    from adaptermerge.io.checkpoint import open_checkpoint
+    from adaptermerge.lowrank import LowRank
+    from adaptermerge.surgery.extract import extract_lora, save_extracted
+    from adaptermerge.surgery.merge import MergeReport, merge_into_base
+    from adaptermerge.surgery.resize import resize_adapter
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adaptermerge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -54,6 +54,32 @@ def normalize_multi_values(args: list[str]) -> list[str]:
     return out
 
 
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_VALUED = ("--threads",)
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options given after the subcommand (``merge ... --threads 2 --debug``) in front of it.
+
+    No subcommand defines an option of the same name, so the move never changes what a subcommand receives.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if a in GLOBAL_FLAGS or (name in GLOBAL_VALUED and "=" in a):
+            front.append(a)
+        elif a in GLOBAL_VALUED and i + 1 < len(args):
+            front += [a, args[i + 1]]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def parse_floats(value: str | None, name: str) -> list[float] | None:
     """Parse ``0.7,0.3`` into floats, or raise a usage error naming the option."""
     if value is None:
@@ -83,7 +109,9 @@ class AppGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:  # type: ignore[override]
         if args is None:
             args = sys.argv[1:]
-        args = normalize_multi_values(list(args))
+        args = hoist_global_options(normalize_multi_values(list(args)))
+        if not args:  # bare `adaptermerge`: the help, not an error
+            args = ["--help"]
         debug = "--debug" in args or os.environ.get("ADAPTERMERGE_DEBUG") == "1"
         if not standalone_mode:
             return super().main(args, prog_name=prog_name, standalone_mode=False, **extra)

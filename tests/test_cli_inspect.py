@@ -93,3 +93,45 @@ def test_weights_normalization() -> None:
 def test_threads_option(llama_adapter: Path) -> None:
     r = CliRunner().invoke(cli, ["--threads", "1", "inspect", str(llama_adapter), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["kind"] == "adapter"
+
+
+def test_global_options_after_the_subcommand() -> None:
+    from adaptermerge_cli.main import hoist_global_options
+
+    args = ["merge", "base", "a", "-o", "out", "--threads", "2", "--debug", "--weights", "1,2"]
+    assert hoist_global_options(args) == [
+        "--threads",
+        "2",
+        "--debug",
+        "merge",
+        "base",
+        "a",
+        "-o",
+        "out",
+        "--weights",
+        "1,2",
+    ]
+    assert hoist_global_options(["inspect", "x", "--threads=3"]) == ["--threads=3", "inspect", "x"]
+    p = run(["inspect", "/no/such/folder", "--threads", "1"])
+    assert p.returncode == 2 and "does not exist" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bare_command_prints_help() -> None:
+    p = run([])
+    assert p.returncode == 0 and "Usage: adaptermerge" in p.stdout and not p.stderr.startswith("error")
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    """--help and --version answer without importing torch (which takes seconds)."""
+    code = (
+        "import sys\n"
+        "from adaptermerge_cli.main import cli\n"
+        "for args in (['--help'], ['--version'], ['combine', '--help'], ['merge', '--help']):\n"
+        "    try:\n"
+        "        cli.main(args, standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip().splitlines()[-1] == "False", p.stdout + p.stderr
