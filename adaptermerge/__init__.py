@@ -26,6 +26,7 @@ from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.checkpoint import open_checkpoint
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.extract import extract_lora, save_extracted
+from adaptermerge.surgery.init_conversion import convert_to_plain_lora
 from adaptermerge.surgery.merge import MergeReport, merge_into_base
 from adaptermerge.surgery.resize import resize_adapter
 
@@ -46,6 +47,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "combine",
+    "convert_to_plain_lora",
     "describe",
     "extract_lora",
     "load_adapter",

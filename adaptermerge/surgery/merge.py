@@ -24,7 +24,6 @@ import torch
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine, resolve_device, resolve_dtype
 from adaptermerge.errors import InvalidCheckpoint, NumericalError, UsageError
-from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
@@ -101,10 +100,13 @@ def _as_adapter(
     method: str,
     rank: int | None,
     energy: float | None,
+    ckpt: Checkpoint,
 ) -> tuple[Adapter, list[Adapter]]:
+    from adaptermerge.surgery.init_conversion import plain_adapters
+
     if isinstance(adapters, (Adapter, str, os.PathLike)):
         adapters = [adapters]
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    loaded = plain_adapters(adapters, base=ckpt)  # PiSSA/OLoRA: W0 - init + s*B@A, init recomputed from this base
     if len(loaded) == 1 and weights is None and method == "linear" and rank is None and energy is None:
         return loaded[0], loaded
     # linear in merge = exact sum: 'cat' gives it without any decomposition (the delta is formed densely per module)
@@ -174,7 +176,7 @@ def merge_into_base(
     dev = resolve_device(device)
     out_dtype = resolve_dtype(dtype)
     ckpt = open_checkpoint(base_p)
-    adapter, loaded = _as_adapter(adapters, weights, method, rank, energy)
+    adapter, loaded = _as_adapter(adapters, weights, method, rank, energy, ckpt)
 
     from adaptermerge.surgery import quant
 
