@@ -64,29 +64,26 @@ PISSA_GAP_WARNING = 1e-3
 # ----------------------------------------------------------------------------------------------- the init terms
 
 
-def pissa_term(w: torch.Tensor, r: int, s: float) -> LowRank:
+def pissa_term(w: torch.Tensor, r: int, s: float) -> tuple[LowRank, float]:
     """PiSSA's init term ``s*B0@A0`` of a Linear-layout weight, computed as PEFT's ``pissa_init`` does.
 
     fp32 ``torch.linalg.svd(full_matrices=False)``; ``B0 = V_r diag(sqrt(S_r/s))``, ``A0 = diag(sqrt(S_r/s)) Uh_r``.
-    Returned in canonical form (scaling folded into A): ``B = B0``, ``A = s*A0``.
+    Returned in canonical form (scaling folded into A: ``B = B0``, ``A = s*A0``) with ``(S_r - S_{r+1}) / S_1``, how
+    well the top-r singular subspace PiSSA takes is defined (near 0: it depends on rounding).
     """
     V, S, Uh = torch.linalg.svd(w.float(), full_matrices=False)
     root = torch.sqrt(S[:r] / s)
-    return LowRank(A=s * (root.unsqueeze(1) * Uh[:r]), B=V[:, :r] * root.unsqueeze(0))
+    gap = float((S[r - 1] - S[r]) / S[0]) if r < S.numel() and float(S[0]) > 0 else 1.0
+    return LowRank(A=s * (root.unsqueeze(1) * Uh[:r]), B=V[:, :r] * root.unsqueeze(0)), gap
 
 
-def olora_term(w: torch.Tensor, r: int, s: float) -> LowRank:
-    """OLoRA's init term ``s*Q_r@R_r`` of a Linear-layout weight, as PEFT's ``olora_init`` computes it (fp32 QR)."""
+def olora_term(w: torch.Tensor, r: int, s: float) -> tuple[LowRank, float]:
+    """OLoRA's init term ``s*Q_r@R_r`` of a Linear-layout weight, as PEFT's ``olora_init`` computes it (fp32 QR).
+
+    A Householder QR has no ill-defined choice, so the second value (the conditioning, as for PiSSA) is 1.
+    """
     Q, R = torch.linalg.qr(w.float())
-    return LowRank(A=s * R[:r], B=Q[:, :r])
-
-
-def _pissa_gap(w: torch.Tensor, r: int) -> float:
-    """``(S_r - S_{r+1}) / S_1``: how well the top-r singular subspace that PiSSA takes is defined."""
-    S = torch.linalg.svdvals(w.float())
-    if r >= S.numel() or float(S[0]) == 0.0:
-        return 1.0
-    return float((S[r - 1] - S[r]) / S[0])
+    return LowRank(A=s * R[:r], B=Q[:, :r]), 1.0
 
 
 TERMS = {"pissa": pissa_term, "olora": olora_term}
@@ -155,11 +152,11 @@ def _recomputed_terms(raw: Adapter, kind: str, value: Any, base: _Base, device: 
             raise InvalidAdapter(
                 f"module {name}: rank {r} exceeds min{tuple(w.shape)}; PEFT cannot initialise {kind} at that rank"
             )
-        term = TERMS[kind](w, r, lr.scale).to(device="cpu")
-        if not term.is_finite():
+        if not bool(torch.isfinite(w).all()):
             raise InvalidCheckpoint(f"{ckpt.path}: {key} holds NaN or Inf; the {kind} init term cannot be computed")
-        terms[name] = replace(term, layout=layout)
-        if kind == "pissa" and (gap := _pissa_gap(w, r)) < PISSA_GAP_WARNING:
+        term, gap = TERMS[kind](w, r, lr.scale)
+        terms[name] = replace(term.to(device="cpu"), layout=layout)
+        if gap < PISSA_GAP_WARNING:
             raw.warnings.append(
                 f"module {name}: singular values {r} and {r + 1} of the base weight nearly tie (gap {gap:.1e} of the "
                 "largest), so PiSSA's top-r subspace, here and in PEFT's own reload, depends on rounding"
@@ -309,7 +306,10 @@ def _convert(
         modules=modules,
         config={**raw.config, "init_lora_weights": True},
         warnings=[*raw.warnings, note],
-        provenance={**raw.provenance, "converted": {"init_lora_weights": value, **src}},
+        provenance={
+            **raw.provenance,
+            "converted": {"init_lora_weights": value, **src, "trained_ranks": raw.ranks},
+        },
     )
 
 
