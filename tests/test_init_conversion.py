@@ -216,6 +216,25 @@ def test_dora_pissa_keeps_the_magnitude(work: Path, tmp_path: Path) -> None:
     assert float((logits(peft_reload(made, made.peft_converted)) - made.logits).abs().max()) > 1e-2
 
 
+def _orthogonal_q(seed: int = 0) -> torch.nn.Module:
+    """tiny_llama whose first q_proj is 0.1 * an orthogonal matrix: all its singular values tie."""
+    m = tiny_llama(seed)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.weight.copy_(0.1 * q)
+    return m
+
+
+def test_pissa_on_tied_singular_values_warns(tmp_path: Path) -> None:
+    base = save_base(_orthogonal_q, tmp_path / "base")
+    made = initialised(
+        tmp_path / "a", _orthogonal_q, "pissa", convert=False, r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
+    rep = adaptermerge.merge_into_base(base, made.trained, tmp_path / "out")
+    tied = [w for w in rep.warnings if "nearly tie" in w]
+    assert len(tied) == 1 and "layers.0.self_attn.q_proj" in tied[0]
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
