@@ -321,7 +321,7 @@ def combine(
             "rank": rank,
             "energy": energy,
             "allow_different_base": allow_different_base,
-            "base": None if base is None else str(Path(base).resolve()),
+            "base": str(Path(base).resolve()) if base and any("converted" in a.provenance for a in loaded) else None,
             "inputs": [str(a.source) if a.source else None for a in loaded],
             "compute_dtype": str(cdtype).replace("torch.", ""),
             "dtype": str(out_dtype).replace("torch.", ""),
