@@ -37,6 +37,7 @@ _LAZY = {
     "MergeReport": "adaptermerge.surgery.merge",
     "merge_into_base": "adaptermerge.surgery.merge",
     "resize_adapter": "adaptermerge.surgery.resize",
+    "convert_to_plain_lora": "adaptermerge.surgery.init_conversion",
 }
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from adaptermerge.io.checkpoint import open_checkpoint
     from adaptermerge.lowrank import LowRank
     from adaptermerge.surgery.extract import extract_lora, save_extracted
+    from adaptermerge.surgery.init_conversion import convert_to_plain_lora
     from adaptermerge.surgery.merge import MergeReport, merge_into_base
     from adaptermerge.surgery.resize import resize_adapter
 
@@ -83,6 +85,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "combine",
+    "convert_to_plain_lora",
     "describe",
     "extract_lora",
     "load_adapter",

@@ -19,7 +19,6 @@ import torch
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
-from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import check_output_path
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
 from adaptermerge.methods.registry import get_method
@@ -164,6 +163,7 @@ def combine(
     compute_dtype: str | torch.dtype = torch.float32,
     allow_different_base: bool = False,
     progress: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> Adapter:
     """Combine adapters into one new adapter.
 
@@ -179,6 +179,9 @@ def combine(
         compute_dtype: ``float32`` (default) or ``float64``.
         allow_different_base: accept adapters whose ``base_model_name_or_path`` differ.
         progress: show a progress bar.
+        base: the base checkpoint folder the adapters were trained on. Needed only for adapters whose
+            ``init_lora_weights`` changed the base (PiSSA, OLoRA): they are converted to plain LoRA against it
+            first (:func:`adaptermerge.convert_to_plain_lora`); without it they are refused.
 
     Returns:
         The combined :class:`Adapter`; ``adapter.provenance["modules"]`` holds a per-module report
@@ -197,7 +200,9 @@ def combine(
     if not adapters:
         raise UsageError("give at least one adapter to combine")
     spec = get_method(method)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    from adaptermerge.surgery.init_conversion import plain_adapters
+
+    loaded = plain_adapters(adapters, base=base, device=device)
     names = [str(a.source) if a.source is not None else f"adapter #{i + 1}" for i, a in enumerate(loaded)]
     w = normalize_weights(weights, len(loaded))
     if rank is not None and (int(rank) != rank or rank < 1):
@@ -317,6 +322,7 @@ def combine(
             "rank": rank,
             "energy": energy,
             "allow_different_base": allow_different_base,
+            "base": str(Path(base).resolve()) if base and any("converted" in a.provenance for a in loaded) else None,
             "inputs": [str(a.source) if a.source else None for a in loaded],
             "compute_dtype": str(cdtype).replace("torch.", ""),
             "dtype": str(out_dtype).replace("torch.", ""),

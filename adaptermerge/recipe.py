@@ -63,7 +63,16 @@ def combine_recipe(result: Adapter) -> dict[str, Any]:
             "allow_different_base": bool(prov.get("allow_different_base", False)),
         },
         "models": models,
+        **_base_entry(prov.get("base")),
     }
+
+
+def _base_entry(base: str | None) -> dict[str, Any]:
+    """The base a combine converted PiSSA/OLoRA inputs against, with hashes of its config and index."""
+    if not base:
+        return {}
+    files = ("config.json", "model.safetensors.index.json")
+    return {"base": base, "base_sha256": {f: file_sha256(Path(base) / f) for f in files if (Path(base) / f).is_file()}}
 
 
 def dump_recipe(recipe: dict[str, Any], operation: str = "combine") -> str:
@@ -101,6 +110,12 @@ def load_recipe(path: str | os.PathLike, check_hashes: bool = True) -> dict[str,
                     raise IncompatibleAdapters(
                         f"{mp / f} changed since the recipe was written (sha256 differs); the merge would not replay"
                     )
+    if (
+        check_hashes
+        and recipe.get("base")
+        and _base_entry(recipe["base"]).get("base_sha256") != recipe.get("base_sha256")
+    ):
+        raise IncompatibleAdapters(f"{recipe['base']} changed since the recipe was written; the merge would not replay")
     return recipe
 
 
@@ -117,4 +132,5 @@ def recipe_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
         "dtype": recipe.get("dtype"),
         "compute_dtype": recipe.get("compute_dtype", "float32"),
         "allow_different_base": bool(params.get("allow_different_base", False)),
+        "base": recipe.get("base"),
     }

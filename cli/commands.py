@@ -135,6 +135,12 @@ def format_combine(d: dict[str, Any]) -> str:
 )
 @click.option("--allow-different-base", is_flag=True, help="Combine adapters whose base_model_name_or_path differ.")
 @click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    help="Base checkpoint the adapters were trained on; needed for PiSSA/OLoRA adapters (init_lora_weights), "
+    "which are converted to plain LoRA against it.",
+)
+@click.option(
     "--recipe",
     "recipe_path",
     type=click.Path(exists=True, dir_okay=False),
@@ -156,6 +162,7 @@ def combine_cmd(
     dtype: str | None,
     compute_dtype: str,
     allow_different_base: bool,
+    base: str | None,
     recipe_path: str | None,
     output: str,
     overwrite: bool,
@@ -174,6 +181,7 @@ def combine_cmd(
       adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
       adaptermerge combine ./a ./b ./c --method svd --rank 32 -o ./abc
       adaptermerge combine ./a ./b --method svd --energy 0.99 --rank 64 -o ./ab
+      adaptermerge combine ./pissa-adapter ./lora-adapter --base ./Llama-3-8B -o ./mixed
       adaptermerge combine --recipe ./ab/adaptermerge_recipe.yaml -o ./ab-again
     """
     from adaptermerge.combination import combine, save_combined
@@ -183,7 +191,7 @@ def combine_cmd(
 
     get_method(method)
     if recipe_path:
-        refuse_with_recipe(adapters, weights_s, rank, energy, dtype)
+        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base)
         from adaptermerge.recipe import load_recipe, recipe_arguments
 
         kwargs = recipe_arguments(load_recipe(recipe_path))
@@ -199,10 +207,13 @@ def combine_cmd(
             dtype=dtype,
             compute_dtype=compute_dtype,
             allow_different_base=allow_different_base,
+            base=base,
         )
     from adaptermerge.io.atomic import check_output_path
 
-    check_output_path(output, kwargs["adapters"], overwrite=overwrite)
+    check_output_path(
+        output, [*kwargs["adapters"], *([kwargs["base"]] if kwargs.get("base") else [])], overwrite=overwrite
+    )
     result = combine(**kwargs, device=device, progress=not quiet)
     out = save_combined(result, output, overwrite=overwrite)
     prov = result.provenance

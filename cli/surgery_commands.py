@@ -253,3 +253,67 @@ def extract_cmd(
     out = save_extracted(adapter, report, output, overwrite=overwrite)
     d = {"output": str(out), **report.to_dict()}
     emit(d, as_json, format_ranked(d))
+
+
+@cli.command("convert")
+@click.argument("adapter", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    help="Base checkpoint the adapter was trained on: the init term is recomputed from it (pissa, olora).",
+)
+@click.option(
+    "--initial-adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Adapter folder saved right after get_peft_model, before training (any of pissa, pissa_niter_K, olora, "
+    "corda, lora_ga).",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: the adapter's)."
+)
+@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a convert recipe.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert_cmd(
+    adapter: str | None, base: str | None, initial_adapter: str | None, device: str, dtype: str | None,
+    recipe_path: str | None, output: str, overwrite: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Convert a PiSSA/OLoRA/CorDA/LoRA-GA adapter into the plain LoRA adapter of the same trained model.
+
+    These initialisations subtract an initial product from the base before training, so the trained model is
+    (W0 - init) + s*B@A. The output holds s*B@A - init per module (rank 2r), as PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes it: it loads on the unchanged base and
+    combines or merges like any LoRA adapter. The init term comes from the base (pissa, olora: recomputed as PEFT
+    does when it loads the adapter) or from the initial adapter (required for pissa_niter_K, corda, lora_ga).
+
+    \b
+    Examples:
+      adaptermerge convert ./pissa-adapter --base ./Llama-3-8B -o ./pissa-as-lora
+      adaptermerge convert ./pissa-niter-adapter --initial-adapter ./pissa-init -o ./as-lora
+      adaptermerge convert --recipe ./pissa-as-lora/adaptermerge_recipe.yaml -o ./again
+    """
+    from adaptermerge.combination import resolve_dtype
+    from adaptermerge.errors import UsageError
+    from adaptermerge.io.atomic import check_output_path
+    from adaptermerge.surgery.init_conversion import convert_to_plain_lora, load_convert_recipe, save_converted
+    from adaptermerge_cli.main import refuse_with_recipe
+
+    if recipe_path:
+        refuse_with_recipe(adapter, base, initial_adapter, dtype)
+        kwargs = load_convert_recipe(recipe_path)
+    elif not adapter:
+        raise UsageError("give the adapter folder to convert (or --recipe FILE)")
+    else:
+        kwargs = dict(adapter=adapter, base=base, initial_adapter=initial_adapter, dtype=dtype)
+    out_dtype = resolve_dtype(kwargs.pop("dtype"))
+    check_output_path(output, [p for p in kwargs.values() if p], overwrite=overwrite)
+    result = convert_to_plain_lora(**kwargs, device=device)
+    out = save_converted(result, output, dtype=out_dtype, overwrite=overwrite)
+    ranks = sorted(set(result.ranks.values()))
+    d = {"output": str(out), **result.provenance["converted"], "ranks": ranks, "warnings": result.warnings}
+    text = [
+        f"wrote {out}: init_lora_weights={d['init_lora_weights']!r} as plain LoRA, {len(result.modules)} modules, ranks {ranks}"
+    ]
+    emit(d, as_json, "\n".join(text + [f"warning: {w}" for w in result.warnings]))

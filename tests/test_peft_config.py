@@ -43,13 +43,17 @@ def test_saved_default_config_passes() -> None:
         ("layer_replication", [[0, 2], [1, 3]], "layer_replication"),
         ("kasa_config", {"x": 1}, "KaSA"),
         ("use_qalora", True, "QALoRA"),
-        ("init_lora_weights", "pissa", "PiSSA"),
-        ("init_lora_weights", "pissa_niter_4", "PiSSA"),
-        ("init_lora_weights", "olora", "OLoRA"),
-        ("init_lora_weights", "loftq", "LoftQ"),
-        ("init_lora_weights", "corda", "CorDA"),
-        ("init_lora_weights", "lora_ga", "LoRA-GA"),
-        ("init_lora_weights", "something_new", "not a PEFT initialisation"),
+        ("init_lora_weights", "pissa", "pissa_init.*--base BASE"),
+        ("init_lora_weights", "pissa_niter_4", "randomized SVD.*--initial-adapter"),
+        ("init_lora_weights", "olora", "olora_init.*--base BASE"),
+        ("init_lora_weights", "OLoRA", "olora_init"),
+        ("init_lora_weights", "loftq", "loftq_init.*cannot reproduce"),
+        ("init_lora_weights", "corda", "corda_init.*--initial-adapter"),
+        ("init_lora_weights", "lora_ga", "lora_ga_init.*--initial-adapter"),
+        ("init_lora_weights", "something_new", "not a value PEFT accepts"),
+        ("init_lora_weights", "PISSA", "not a value PEFT accepts"),
+        ("init_lora_weights", "pissa_niter_x", "not a value PEFT accepts"),
+        ("init_lora_weights", "true", "not a value PEFT accepts"),
         ("brand_new_field", {"on": True}, "unknown to adaptermerge"),
         ("bias", "weird", "bias='weird'"),
     ],
@@ -65,7 +69,7 @@ def test_unknown_empty_fields_are_accepted(value: object) -> None:
     assert check_config({"r": 4, "some_future_flag": value}) == []
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+@pytest.mark.parametrize("init", [True, False, None, "", "gaussian", "Gaussian", "eva", "orthogonal", "mica", "MiCA"])
 def test_base_preserving_inits_are_accepted(init: object) -> None:
     assert check_config({"r": 4, "init_lora_weights": init}) == []
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
-from adaptermerge.io.peft_config import check_config, targets_module
+from adaptermerge.io.peft_config import changes_base, check_config, targets_module, training_only_tensor
 from adaptermerge.io.safetensors_header import read_header
 from adaptermerge.lowrank import LowRank
 
@@ -106,7 +106,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path, raw_init: bool = False) -> dict[str, Any]:
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise InvalidAdapter(
@@ -121,7 +121,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapter(f"{folder} is a {peft_type} adapter; adaptermerge handles LoRA adapters only")
-    check_config(config, str(cfg_path))
+    check_config(config, str(cfg_path), raw_init=raw_init)
     if "r" not in config:
         raise InvalidAdapter(f"{cfg_path} has no 'r' (LoRA rank)")
     for key in ("r", "lora_alpha"):
@@ -153,13 +153,16 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise InvalidAdapter(f"{folder} has no {WEIGHTS_NAME}; a PEFT adapter folder holds it beside {CONFIG_NAME}")
 
 
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, raw_init: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter folder into canonical form.
 
     Args:
         path: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
         allow_pickle: read an ``adapter_model.bin`` with ``torch.load(weights_only=True)`` when no
             safetensors file exists. Off by default: pickles can execute code.
+        raw_init: read an adapter whose ``init_lora_weights`` changed the base (PiSSA, OLoRA, ...) as its stored
+            factors. Such an Adapter is not the trained model (the init term is missing) and cannot be saved,
+            combined or merged; :func:`adaptermerge.convert_to_plain_lora` folds the term in.
 
     Raises:
         InvalidAdapter: missing/corrupt files, impossible values, NaN/Inf, shape or rank mismatches.
@@ -177,8 +180,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
         raise InvalidAdapter(f"{folder} does not exist")
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the adapter folder, not a file in it")
-    config = _read_config(folder)
-    parts, extra = _split_tensors(_read_tensors(folder, allow_pickle))
+    config = _read_config(folder, raw_init)
+    parts, extra = _split_tensors(_read_tensors(folder, allow_pickle), config)
     modules = {name: _module_lowrank(name, parts[name], config) for name in sorted(parts, key=_natural_key)}
     if not modules:
         raise InvalidAdapter(
@@ -203,9 +206,10 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
 
 
 def _split_tensors(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """LoRA parts per module (``A``, ``B``, ``bias``, ``magnitude``, ``emb_A``, ``emb_B``) and the other tensors."""
+    """LoRA parts per module (``A``, ``B``, ``bias``, ``magnitude``, ``emb_A``, ``emb_B``) and the other tensors
+    (training-only buffers such as VeLoRA's are dropped)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -215,7 +219,8 @@ def _split_tensors(
                 parts.setdefault(name[: -len(suf)], {})[role] = t
                 break
         else:
-            extra[key] = t
+            if not training_only_tensor(config, name):
+                extra[key] = t
     return parts, extra
 
 
@@ -392,6 +397,11 @@ def save_adapter(
     """Write ``adapter`` as a PEFT folder at ``path`` atomically. See :meth:`Adapter.save`."""
     inputs = [adapter.source] if adapter.source is not None else []
     out = check_output_path(path, inputs, overwrite=overwrite)
+    if changes_base(adapter.config):
+        raise UnsupportedAdapter(
+            f"the adapter holds the raw factors of an init_lora_weights={adapter.config['init_lora_weights']!r} "
+            "adapter, which are not the trained model; convert it first (adaptermerge.convert_to_plain_lora)"
+        )
     for name, m in adapter.modules.items():
         if not m.is_finite():
             raise InvalidAdapter(f"module {name}: NaN or Inf in the result; nothing was written")

@@ -66,37 +66,114 @@ class Rule:
 
 # ----------------------------------------------------------------------------------------------- value checks
 
-# init_lora_weights values. Those that leave the base untouched give a plain LoRA once trained; the others
-# change the base weights at initialisation, so the trained function is (W0 - init) + s B A, not W0 + s B A.
-BASE_PRESERVING_INITS: frozenset[str] = frozenset({"true", "false", "gaussian", "eva", "orthogonal", "mica"})
-BASE_CHANGING_INITS: dict[str, str] = {
-    "pissa": "PiSSA moves the top singular components of W0 into the adapter at initialisation",
-    "olora": "OLoRA moves a QR factor of W0 into the adapter at initialisation",
-    "corda": "CorDA moves data-dependent components of W0 into the adapter at initialisation",
-    "loftq": "LoftQ replaces W0 by a quantized residual at initialisation",
-    "lora_ga": "LoRA-GA subtracts its gradient-based initial product from W0 at initialisation",
+# init_lora_weights, as PEFT 0.21.2 dispatches it (peft/tuners/lora/layer.py, LoraLayer.update_layer, in this order:
+# startswith "pissa", startswith "corda", lower() == "olora", lower() == "mica", == "loftq", == "eva",
+# == "orthogonal", == "lora_ga", any other true value -> reset_lora_parameters (True or lower() == "gaussian",
+# anything else raises), a false value -> no initialisation). Embedding and Conv layers know only mica, loftq,
+# lora_ga, True and gaussian: PEFT raises for pissa/olora/corda/eva/orthogonal there.
+#
+# Inits that leave the base untouched give a plain LoRA once trained: the trained model is W0 + s*B@A, and PEFT's
+# reload re-runs the init only to have its result overwritten by the saved factors.
+BASE_PRESERVING_INITS: dict[str, str] = {
+    "true": "reset_lora_parameters: A Kaiming-uniform, B = 0",
+    "false": "no initialisation (nn.Linear's random A and B); PEFT's debugging setting",
+    "gaussian": "reset_lora_parameters: A ~ N(0, 1/r), B = 0",
+    "eva": "update_layer sets B = 0; A comes later from an SVD of input activations (peft/tuners/lora/eva.py)",
+    "orthogonal": "orthogonal_init: random orthogonal A and B (B@A != 0 at init), base untouched",
+    "mica": "mica_init: B from W0's smallest singular vectors, A = 0; MiCALinearVariant freezes B and its forward "
+    "and merge are plain LoRA",
 }
+# Inits that subtract an initial product from the base: the trained model is (W0 - init) + s*B@A.
+BASE_CHANGING_INITS: dict[str, str] = {
+    "pissa": "PEFT's pissa_init subtracts s*B0@A0, the top-r exact SVD of W0 (fp32), from W0, and redoes it "
+    "whenever PEFT loads the adapter",
+    "pissa_niter": "PEFT's pissa_init subtracts a randomized SVD (svd_lowrank) of W0 from W0, and redoes it at load "
+    "time with whatever random state the loading process has, so the term cannot be recomputed",
+    "olora": "PEFT's olora_init subtracts s*Q_r@R_r, from a QR decomposition of W0 (fp32), from W0, and redoes it "
+    "whenever PEFT loads the adapter",
+    "corda": "PEFT's corda_init subtracts a product built from activation covariances (preprocess_corda); PEFT "
+    "cannot reload the adapter unconverted",
+    "lora_ga": "PEFT's lora_ga_init subtracts a product built from gradients (preprocess_loraga); PEFT's reload "
+    "skips it (falls back to the default init), so only the converted adapter is the trained model",
+    "loftq": "PEFT's loftq_init replaces W0 by a dequantized NF4/int8 quantization of a residual "
+    "(peft/utils/loftq_utils.py), which is not W0 - s*B0@A0",
+}
+# How the init term is known exactly: recomputed from the base (deterministic inits), or from the initial factors
+# B0, A0 of the adapter saved right after get_peft_model (init = s*B0@A0 for all five; LoftQ is neither).
+RECOMPUTABLE_INITS: frozenset[str] = frozenset({"pissa", "olora"})
+INITIAL_FACTOR_INITS: frozenset[str] = frozenset({"pissa", "pissa_niter", "olora", "corda", "lora_ga"})
 
 
-def init_kind(value: Any) -> str:
-    """``init_lora_weights`` normalised: ``true``/``false``/``gaussian``/... or ``pissa`` for ``pissa_niter_K``."""
-    v = str(value).lower()
-    return "pissa" if v.startswith("pissa_niter_") else v
+def init_kind(value: Any) -> str | None:
+    """``init_lora_weights`` as PEFT dispatches it: a key of :data:`BASE_PRESERVING_INITS` or
+    :data:`BASE_CHANGING_INITS`, or None for a value PEFT raises on (``"PISSA"``, ``"pissa_niter_x"``, ``"true"``).
+    """
+    if value is True:
+        return "true"
+    if not value:  # None, False, "" (and 0): update_layer initialises nothing
+        return "false"
+    if not isinstance(value, str):
+        return None
+    if value.startswith("pissa"):
+        if value == "pissa":
+            return "pissa"
+        parts = value.split("_niter_")
+        return "pissa_niter" if len(parts) == 2 and _is_int(parts[1]) else None
+    if value.startswith("corda"):
+        return "corda"
+    if value.lower() in ("olora", "mica", "gaussian"):
+        return value.lower()
+    return value if value in ("loftq", "eva", "orthogonal", "lora_ga") else None
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def changes_base(config: dict[str, Any]) -> str | None:
+    """The base-changing init kind of an adapter config (``pissa``, ``olora``, ...), or None for plain LoRA."""
+    kind = init_kind(config.get("init_lora_weights", True))
+    return kind if kind in BASE_CHANGING_INITS else None
+
+
+def init_refusal(value: Any) -> str:
+    """Why an adapter with this ``init_lora_weights`` is not W0 + s*B@A, and what to do (one line)."""
+    kind = init_kind(value)
+    if kind is None:
+        return (
+            f"init_lora_weights={value!r} is not a value PEFT accepts (its update_layer raises on it); "
+            "nothing can be assumed about the adapter"
+        )
+    head = f"init_lora_weights={value!r}: {BASE_CHANGING_INITS[kind]}, so the trained model is (W0 - init) + s*B@A"
+    if kind in RECOMPUTABLE_INITS:
+        return (
+            f"{head}; give the base it was trained on (adaptermerge merge BASE ADAPTER, combine --base BASE) or "
+            "convert it to plain LoRA: adaptermerge convert ADAPTER --base BASE -o OUT"
+        )
+    if kind in INITIAL_FACTOR_INITS:
+        return (
+            f"{head}; convert it with the adapter saved right after get_peft_model, before training: "
+            "adaptermerge convert ADAPTER --initial-adapter INITIAL -o OUT"
+        )
+    return f"{head}; adaptermerge cannot reproduce that: merge it with PEFT's merge_and_unload on the LoftQ base"
 
 
 def _check_init(value: Any, config: dict[str, Any]) -> str | None:
-    kind = init_kind(value)
-    if kind in BASE_PRESERVING_INITS:
-        return None
-    if kind in BASE_CHANGING_INITS:
-        return (
-            f"init_lora_weights={value!r}: {BASE_CHANGING_INITS[kind]}, so the trained model is not W0 + s*B@A; "
-            "convert the adapter with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
-            "and use the converted folder"
-        )
-    return (
-        f"init_lora_weights={value!r} is not a PEFT initialisation adaptermerge knows; nothing can be assumed about it"
-    )
+    return None if init_kind(value) in BASE_PRESERVING_INITS else init_refusal(value)
+
+
+# Saved tensors that only served training (VeLoRA's activation projection, used by its backward pass alone):
+# recognised by key suffix and dropped on read when the config field that makes PEFT save them is set.
+TRAINING_ONLY_TENSORS: dict[str, str] = {".lora_velora_embed": "velora_config"}
+
+
+def training_only_tensor(config: dict[str, Any], name: str) -> bool:
+    """Whether tensor ``name`` is one PEFT saves for training only under ``config`` (and is ignored)."""
+    return any(name.endswith(suf) and not _empty(config.get(field)) for suf, field in TRAINING_ONLY_TENSORS.items())
 
 
 def _check_bias(value: Any, config: dict[str, Any]) -> str | None:
@@ -127,7 +204,10 @@ RULES: dict[str, Rule] = {
     "bias": Rule(Kind.MODELED, "trained base biases saved beside the factors, replacing the base's", _check_bias),
     "modules_to_save": Rule(Kind.MODELED, "full copies of modules (heads) saved beside the factors"),
     "init_lora_weights": Rule(
-        Kind.MODELED, "plain LoRA once trained, except inits that change the base (PiSSA, OLoRA, ...)", _check_init
+        Kind.MODELED,
+        "plain LoRA once trained, except inits that change the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), which are "
+        "converted with the base or the initial adapter (adaptermerge convert) or refused",
+        _check_init,
     ),
     # which modules carry factors (the saved tensors are checked against them)
     "target_modules": Rule(Kind.MODELED, "modules that carry factors; tensors of other modules are refused"),
@@ -172,7 +252,9 @@ RULES: dict[str, Rule] = {
     "megatron_config": Rule(Kind.REFUSED, "Megatron parallel layers are not modeled; merge inside Megatron"),
     "use_qalora": Rule(Kind.REFUSED, "QALoRA pools the input before lora_A, so the delta is not B @ A"),
     "velora_config": Rule(
-        Kind.REFUSED, "VeLoRA adds its own saved buffers to each layer; merge it with PEFT's merge_and_unload"
+        Kind.MODELED,
+        "VeLoRA compresses the LoRA input for the backward pass only (VeloraFunction's forward is F.linear); its "
+        "forward and merge are plain LoRA, and its saved lora_velora_embed buffers are training-only and dropped",
     ),
     "monteclora_config": Rule(Kind.REFUSED, "MonteCLoRA samples its update; it has no single merged delta"),
     "use_bdlora": Rule(Kind.REFUSED, "BD-LoRA stores block-diagonal factors that are not plain B @ A"),
@@ -188,8 +270,11 @@ RULES: dict[str, Rule] = {
 }
 
 
-def check_config(config: dict[str, Any], where: str = CONFIG_NAME) -> list[str]:
+def check_config(config: dict[str, Any], where: str = CONFIG_NAME, raw_init: bool = False) -> list[str]:
     """Refuse every field value we do not model exactly; return notes for people.
+
+    ``raw_init`` lets a base-changing ``init_lora_weights`` (PiSSA, OLoRA, ...) through, for the one caller that
+    folds the init term in afterwards (:mod:`adaptermerge.surgery.init_conversion`).
 
     Raises:
         UnsupportedAdapter: a ``refused`` field with a non-empty value, a ``modeled`` field with a value we do not
@@ -208,6 +293,8 @@ def check_config(config: dict[str, Any], where: str = CONFIG_NAME) -> list[str]:
         if rule.kind is Kind.REFUSED and not _empty(value):
             raise UnsupportedAdapter(f"{where}: {key} = {_short(value)} is not supported: {rule.meaning}")
         if rule.kind is Kind.MODELED:
+            if raw_init and key == "init_lora_weights" and init_kind(value) in BASE_CHANGING_INITS:
+                continue
             why = rule.refuse(value, config)
             if why:
                 raise UnsupportedAdapter(f"{where}: {why}")

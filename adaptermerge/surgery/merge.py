@@ -24,7 +24,6 @@ import torch
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine, resolve_device, resolve_dtype
 from adaptermerge.errors import InvalidCheckpoint, NumericalError, UsageError
-from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
@@ -101,10 +100,13 @@ def _as_adapter(
     method: str,
     rank: int | None,
     energy: float | None,
+    ckpt: Checkpoint,
 ) -> tuple[Adapter, list[Adapter]]:
+    from adaptermerge.surgery.init_conversion import plain_adapters
+
     if isinstance(adapters, (Adapter, str, os.PathLike)):
         adapters = [adapters]
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    loaded = plain_adapters(adapters, base=ckpt)  # PiSSA/OLoRA: W0 - init + s*B@A, init recomputed from this base
     if len(loaded) == 1 and weights is None and method == "linear" and rank is None and energy is None:
         return loaded[0], loaded
     # linear in merge = exact sum: 'cat' gives it without any decomposition (the delta is formed densely per module)
@@ -174,7 +176,7 @@ def merge_into_base(
     dev = resolve_device(device)
     out_dtype = resolve_dtype(dtype)
     ckpt = open_checkpoint(base_p)
-    adapter, loaded = _as_adapter(adapters, weights, method, rank, energy)
+    adapter, loaded = _as_adapter(adapters, weights, method, rank, energy, ckpt)
 
     from adaptermerge.surgery import quant
 
@@ -301,6 +303,8 @@ class _Executor:
         self.workspace: dict[tuple, torch.Tensor] = {}
         self.delta_norms: dict[str, float] = {}
         self.read_buf: bytearray | None = None
+        # modules of an adapter converted from PiSSA/OLoRA: factor rows [:k] are s*B@A, rows [k:] the init term
+        self.residual: dict[str, int] = adapter.provenance.get("converted", {}).get("trained_ranks", {})
 
     def output_plan(self) -> list[ShardPlan]:
         """The plan with 4-bit changes applied (new tensors for --quantize, dense tensors for --dequantize)."""
@@ -331,10 +335,7 @@ class _Executor:
         wn = float(torch.linalg.vector_norm(ws))
         a = lr.A.to(self.dev, torch.float32)
         b = lr.B.to(self.dev, torch.float32)
-        if lr.layout == "conv1d":  # stored in x out: add (B @ A)^T = A^T @ B^T
-            ws.addmm_(a.T, b.T)
-        else:
-            ws.addmm_(b, a)
+        self._add_delta(ws, module, b, a, lr.layout == "conv1d", w.dtype)
         if lr.magnitude is not None:  # per output channel: rows of the canonical layout
             dim = 0 if lr.layout == "conv1d" else 1
             norm = torch.linalg.vector_norm(ws, dim=dim, keepdim=True)
@@ -346,6 +347,25 @@ class _Executor:
             dn = self.delta_norms[module] = lr.frobenius_norm()
         self.last = ModuleResult(module, self.plan.modules[module], dn / wn if wn else float("inf"))
         return ws
+
+    def _add_delta(
+        self, ws: torch.Tensor, module: str, b: torch.Tensor, a: torch.Tensor, conv1d: bool, stored: torch.dtype
+    ) -> None:
+        """``ws += B @ A`` (``(B @ A)^T`` for a Conv1D weight stored in x out).
+
+        For a module converted from PiSSA/OLoRA, the init term is added first and ``W0 - init`` rounded to the stored
+        dtype: PEFT's base layer holds it in that dtype during training and at reload, so the result is the trained
+        model rounded once (a no-op for fp32 bases).
+        """
+        k = self.residual.get(module)
+        parts = [(b, a)] if k is None else [(b[:, k:], a[k:]), (b[:, :k], a[:k])]
+        for i, (bb, aa) in enumerate(parts):
+            if i and stored.is_floating_point and stored != torch.float32:
+                ws.copy_(ws.to(stored))
+            if conv1d:
+                ws.addmm_(aa.T, bb.T)
+            else:
+                ws.addmm_(bb, aa)
 
     def _streamable(self, job) -> bool:
         lr: LowRank = self.adapter.modules[job.module]
@@ -383,7 +403,7 @@ class _Executor:
                 ws.copy_(src[r0 - b0 : r1 - b0])
                 flat = ws.view(-1)
                 wsq += float(torch.dot(flat, flat))
-                ws.addmm_(b[r0:r1], a)
+                self._add_delta(ws, job.module, b[r0:r1], a, False, ST_TO_TORCH[job.src.dtype])
                 check_range(ws, want, job.module, float(torch.dot(flat, flat)))
                 yield ws
         dn = self.delta_norms.get(job.module)
