@@ -12,6 +12,7 @@ Schema (``adaptermerge_recipe.yaml``)::
       rank: 32
       energy: null
       allow_different_base: false
+      base: /abs/path/to/base        # only when token rows needed the base checkpoint's rows
     models:
       - model: /abs/path/to/adapter  # relative paths resolve against the recipe's folder
         parameters: {weight: 0.7}
@@ -61,6 +62,7 @@ def combine_recipe(result: Adapter) -> dict[str, Any]:
             "rank": prov["rank"],
             "energy": prov["energy"],
             "allow_different_base": bool(prov.get("allow_different_base", False)),
+            **({"base": prov["base"]} if prov.get("base") else {}),
         },
         "models": models,
     }
@@ -117,4 +119,5 @@ def recipe_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
         "dtype": recipe.get("dtype"),
         "compute_dtype": recipe.get("compute_dtype", "float32"),
         "allow_different_base": bool(params.get("allow_different_base", False)),
+        "base": params.get("base"),
     }

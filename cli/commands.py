@@ -135,6 +135,12 @@ def format_combine(d: dict[str, Any]) -> str:
 )
 @click.option("--allow-different-base", is_flag=True, help="Combine adapters whose base_model_name_or_path differ.")
 @click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    help="Base checkpoint folder: needed only when trained token rows (trainable_token_indices) are combined with "
+    "weights that do not sum to 1, to read the base rows.",
+)
+@click.option(
     "--recipe",
     "recipe_path",
     type=click.Path(exists=True, dir_okay=False),
@@ -156,6 +162,7 @@ def combine_cmd(
     dtype: str | None,
     compute_dtype: str,
     allow_different_base: bool,
+    base: str | None,
     recipe_path: str | None,
     output: str,
     overwrite: bool,
@@ -183,7 +190,7 @@ def combine_cmd(
 
     get_method(method)
     if recipe_path:
-        refuse_with_recipe(adapters, weights_s, rank, energy, dtype)
+        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base)
         from adaptermerge.recipe import load_recipe, recipe_arguments
 
         kwargs = recipe_arguments(load_recipe(recipe_path))
@@ -199,6 +206,7 @@ def combine_cmd(
             dtype=dtype,
             compute_dtype=compute_dtype,
             allow_different_base=allow_different_base,
+            base=base,
         )
     from adaptermerge.io.atomic import check_output_path
 

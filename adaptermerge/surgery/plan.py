@@ -20,6 +20,7 @@ from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
 from adaptermerge.io.stream import FLOAT_DTYPES, PlannedTensor
+from adaptermerge.surgery.tokens import plan_token_targets
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -30,7 +31,8 @@ class Job:
 
     ``action``: ``copy`` (bytes unchanged), ``convert`` (dtype change only), ``merge`` (W + delta of
     ``module``), ``bias`` (b + bias delta of ``module``), ``replace``/``add`` (an adapter tensor, e.g. a
-    ``modules_to_save`` head), ``quant`` (a member of a 4-bit group whose weight is ``group``).
+    ``modules_to_save`` head), ``quant`` (a member of a 4-bit group whose weight is ``group``), ``tokens`` (W with
+    the trained token rows of ``module`` written over its rows).
     """
 
     out: PlannedTensor
@@ -180,6 +182,11 @@ def plan_merge(
     by_key = {v: m for m, v in modules.items()}
     bias_of = {v[: -len("weight")] + "bias": m for m, v in modules.items() if adapter.modules[m].bias is not None}
 
+    taken = {v[len(rename[1]) :]: f"the LoRA factors of {m}" for m, v in modules.items()}
+    taken.update({n[len(rename[1]) :]: f"the modules_to_save tensor {k}" for n, k in extras.items()})
+    taken.update({w: "its 4-bit re-quantization" for w in groups})
+    token_targets = plan_token_targets(ckpt, adapter, lambda n: _map(n, strip, add) + ".weight", taken)
+
     tie = bool(ckpt.config.get("tie_word_embeddings", False))
     warnings: list[str] = []
     quantized: dict[str, str] = {}
@@ -222,6 +229,8 @@ def plan_merge(
                 jobs.append(Job(out, "merge", f, info, by_key[out_name]))
             elif out_name in bias_of:
                 jobs.append(Job(out, "bias", f, info, bias_of[out_name]))
+            elif name in token_targets:
+                jobs.append(Job(out, "tokens", f, info, token_targets[name]))
             elif out_name in extras:
                 t = adapter.extra_tensors[extras[out_name]]
                 if tuple(t.shape) != tuple(info.shape):
