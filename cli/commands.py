@@ -17,7 +17,8 @@ def format_adapter(d: dict[str, Any], verbose: bool) -> str:
         f"modules     {d['num_modules']}  ranks {', '.join(f'r={r} x{n}' for r, n in d['ranks'].items())}",
         f"dtype       {d['dtype']}   params {d['num_parameters']:,}   file {d['size_bytes'] / 1e6:.2f} MB",
         f"flags       rslora={d['use_rslora']} dora={d['use_dora']} conv1d={d['fan_in_fan_out']}"
-        + (f" modules_to_save={d['modules_to_save']}" if d["modules_to_save"] else ""),
+        + (f" modules_to_save={d['modules_to_save']}" if d["modules_to_save"] else "")
+        + "".join(f" trainable_tokens[{n}]={k}" for n, k in d.get("trainable_tokens", {}).items()),
     ]
     mods = d["modules"] if verbose else d["modules"][:8]
     lines.append("")
