@@ -419,6 +419,17 @@ def test_ids_beyond_the_vocabulary_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_list_form_rows_saved_for_another_module_are_refused(tmp_path: Path) -> None:
+    """The list form means the input embedding; PEFT would ignore rows saved under another module's name."""
+    good = token_adapter(tmp_path / "a", tiny_llama, trainable_token_indices=IDS)
+    head_key = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+    bad = edit(good, tmp_path / "bad", weights=lambda sd: sd.update({head_key: sd.pop(KEY)}))
+    base = save_base(tiny_llama(0), tmp_path / "base")
+    with pytest.raises(IncompatibleAdapters, match="list form means the input embedding"):
+        merge_into_base(base, bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_combine_base_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a = token_adapter(tmp_path / "a", tiny_llama, seed=1, trainable_token_indices=[5, 7])
     b = token_adapter(tmp_path / "b", tiny_llama, seed=2, trainable_token_indices=[7, 11])

@@ -125,6 +125,11 @@ def plan_token_targets(
                 f"token rows of {name}: the checkpoint has no {key}; the adapter was made for another architecture "
                 f"than {ckpt.path}"
             )
+        if tr.input_embedding and ek.input is not None and key != ek.input:
+            raise IncompatibleAdapters(
+                f"token rows of {name}: the config's list form means the input embedding ({ek.input}), where PEFT "
+                f"puts them, but the file saves them for {name}; write trainable_token_indices as a map naming it"
+            )
         shared = [key] + ([ek.head] if ek.tied and key == ek.input and ek.head is not None else [])
         for k in shared:
             if k in taken or k in targets:
