@@ -242,6 +242,31 @@ def test_tied_checkpoint_that_stores_the_head_keeps_both_equal(tmp_path: Path) -
     assert torch.equal(out["lm_head.weight"][IDS], load_file(str(a / "adapter_model.safetensors"))[KEY])
 
 
+@pytest.mark.parametrize("mode", ["4-bit-base", "quantize"])
+def test_rows_stay_dense_and_exact_with_4bit(tmp_path: Path, mode: str) -> None:
+    """bitsandbytes keeps embeddings in 16/32 bits: the rows land there exactly whether the base is 4-bit or the
+    output is quantized; the tied head follows them."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base = save_base(tied_llama(0), tmp_path / "fp32")
+    if mode == "4-bit-base":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map="cpu").save_pretrained(
+            tmp_path / "nf4"
+        )
+        base = tmp_path / "nf4"
+    a = token_adapter(tmp_path / "a", tied_llama, trainable_token_indices=IDS)
+    merge_into_base(base, a, tmp_path / "out", quantize="nf4" if mode == "quantize" else None)
+    out = tensors(tmp_path / "out")
+    emb, src = out["model.embed_tokens.weight"], tensors(base)["model.embed_tokens.weight"]
+    assert torch.equal(emb[IDS], load_file(str(a / "adapter_model.safetensors"))[KEY].to(emb.dtype))
+    rest = [i for i in range(128) if i not in IDS]
+    assert torch.equal(emb[rest], src[rest])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    assert torch.equal(model.get_output_embeddings().weight[IDS].float(), emb[IDS].float())
+
+
 # ------------------------------------------------------------------------------------------ combine
 
 
@@ -340,6 +365,14 @@ def test_tied_head_rows_that_need_untying_are_refused(tmp_path: Path, tti) -> No
     with pytest.raises(IncompatibleAdapters, match="untying"):
         merge_into_base(base, a, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["5", [5, "7"], [True], {"embed_tokens": 5}, {"": [5]}, 7])
+def test_malformed_config_values_are_refused(value) -> None:
+    from adaptermerge.io.peft_config import check_config
+
+    with pytest.raises(UnsupportedAdapter, match="trainable_token_indices"):
+        check_config({"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": value})
 
 
 def _drop_key(sd: dict) -> None:

@@ -65,7 +65,7 @@ def split_token_tensors(
 
 def check_token_config(value: Any, config: dict[str, Any]) -> str | None:
     """Why a ``trainable_token_indices`` value is not one PEFT accepts (``peft_config`` rule), or None."""
-    if value is None:
+    if value is None or value == [] or value == {}:
         return None
     if isinstance(value, list):
         return None if _indices_ok(value) else f"{CONFIG_KEY} must list non-negative token ids, got {_short(value)}"
