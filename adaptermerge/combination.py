@@ -21,6 +21,7 @@ from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.atomic import check_output_path
+from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
 from adaptermerge.methods.registry import get_method
 from adaptermerge.tokens import combine_token_rows
@@ -165,7 +166,7 @@ def combine(
     compute_dtype: str | torch.dtype = torch.float32,
     allow_different_base: bool = False,
     progress: bool = False,
-    base: str | os.PathLike | Any | None = None,
+    base: str | os.PathLike | Checkpoint | None = None,
 ) -> Adapter:
     """Combine adapters into one new adapter.
 
@@ -332,7 +333,9 @@ def combine(
     )
 
 
-def _combine_tokens(loaded: Sequence[Adapter], w: list[float], base: Any, dtype: torch.dtype) -> dict:
+def _combine_tokens(
+    loaded: Sequence[Adapter], w: list[float], base: str | os.PathLike | Checkpoint | None, dtype: torch.dtype
+) -> dict:
     """The weighted sum of the inputs' trained token rows (exact for every method; see :mod:`adaptermerge.tokens`)."""
     if not any(a.token_rows for a in loaded):
         return {}
@@ -342,9 +345,8 @@ def _combine_tokens(loaded: Sequence[Adapter], w: list[float], base: Any, dtype:
     mts = [m for a in loaded for m in (a.modules_to_save or [])]
     check_token_modules(every, [m for a in loaded for m in a.modules], mts, "the combined adapter")
     base_rows = None
-    if base is not None:  # merge-level helpers, imported only when token rows need the base
-        from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
-        from adaptermerge.surgery.tokens import checkpoint_rows
+    if base is not None:
+        from adaptermerge.surgery.tokens import checkpoint_rows  # maps names as merges do (surgery imports us)
 
         base_rows = checkpoint_rows(base if isinstance(base, Checkpoint) else open_checkpoint(base))
     return combine_token_rows([a.token_rows for a in loaded], w, base_rows, dtype)

@@ -183,7 +183,7 @@ def plan_merge(
     bias_of = {v[: -len("weight")] + "bias": m for m, v in modules.items() if adapter.modules[m].bias is not None}
 
     taken = {v[len(rename[1]) :]: f"the LoRA factors of {m}" for m, v in modules.items()}
-    taken.update({n[len(rename[1]) :]: f"the modules_to_save tensor {k}" for n, k in extras.items()})
+    taken.update({n[len(rename[1]) :]: f"the adapter tensor {k}" for n, k in extras.items()})
     taken.update({w: "its 4-bit re-quantization" for w in groups})
     token_targets = plan_token_targets(ckpt, adapter, lambda n: _map(n, strip, add) + ".weight", taken)
 

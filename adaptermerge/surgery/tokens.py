@@ -26,7 +26,7 @@ import torch
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters
 from adaptermerge.io.checkpoint import Checkpoint
-from adaptermerge.io.stream import read_rows
+from adaptermerge.io.stream import FLOAT_DTYPES, read_rows
 from adaptermerge.tokens import BaseRows, TokenRows
 
 
@@ -82,6 +82,11 @@ def checkpoint_rows(ckpt: Checkpoint) -> BaseRows:
             )
         key = pm[1] + module[len(pm[0]) :] + ".weight"
         info = ckpt.info(key)
+        if info.dtype not in FLOAT_DTYPES or key in ckpt.bnb_4bit_modules():
+            raise IncompatibleAdapters(
+                f"token rows of {module}: the base's {key} is stored as {info.dtype}"
+                f"{' (4-bit)' if key in ckpt.bnb_4bit_modules() else ''}, not as plain floats whose rows can be read"
+            )
         _check_fits(module, key, info.shape, ids, None)
         with open(ckpt.path / ckpt.weight_map[key], "rb") as fh:
             return torch.cat([read_rows(fh, info, i, i + 1).float() for i in ids])
