@@ -163,6 +163,7 @@ MERGE_CASES = {
         dict(trainable_token_indices={"lm_head": IDS}, target_modules=["q_proj", "embed_tokens", "down_proj"]),
     ),
     "llama-bf16-tied": (bf16_tied_llama, dict(trainable_token_indices=IDS)),
+    "llama-modules-to-save-head": (tiny_llama, dict(trainable_token_indices=IDS, modules_to_save=["lm_head"])),
 }
 
 
@@ -375,6 +376,15 @@ def test_malformed_config_values_are_refused(value) -> None:
         check_config({"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": value})
 
 
+def test_modules_to_save_head_on_a_tied_model_is_refused(tmp_path: Path) -> None:
+    """PEFT wraps the saved head copy in the tied token wrapper and then cannot run the model at all."""
+    a = token_adapter(tmp_path / "a", tied_llama, trainable_token_indices=IDS, modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match="unknown layer type"):
+        logits(PeftModel.from_pretrained(tied_llama(0), str(a)).eval())
+    with pytest.raises(UnsupportedAdapter, match="full copy of a layer that carries trainable tokens"):
+        adaptermerge.load_adapter(a)
+
+
 def _drop_key(sd: dict) -> None:
     del sd[KEY]
 
@@ -405,7 +415,7 @@ BAD_FILES = {
         None,
         lambda sd: sd.update({KEY.replace("trainable_tokens_delta", "base_layer.weight"): torch.zeros(128, 64)}),
         UnsupportedAdapter,
-        "full copy of a layer with trainable tokens",
+        "full copy of a layer that carries trainable tokens",
     ),
     "lora-and-rows-on-one-module": (
         lambda c: c.update(target_modules=["q_proj", "v_proj", "embed_tokens"]),

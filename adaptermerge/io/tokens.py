@@ -44,16 +44,16 @@ def split_token_tensors(
 
     Raises:
         UnsupportedAdapter: a full copy of a token-wrapped layer (``...token_adapter.base_layer.weight``), which
-            PEFT saves with ``save_embedding_layers`` or after the vocabulary was resized; it would replace the
-            base's embedding, which is not modeled.
+            PEFT saves with ``save_embedding_layers``, after a vocabulary resize, or for a ``modules_to_save`` head
+            that its tied token wrapper wraps; it would replace the base's layer, which is not modeled.
     """
     rows, rest = {}, {}
     for key, t in tensors.items():
         if ".token_adapter." in key and not key.endswith(TOKEN_SUFFIX):
             raise UnsupportedAdapter(
-                f"tensor {key} is a full copy of a layer with trainable tokens (PEFT saves one with "
-                "save_embedding_layers or a resized vocabulary); replacing the base's embedding is not modeled: "
-                "re-save the adapter with save_embedding_layers=False, or merge it with PEFT"
+                f"tensor {key} is a full copy of a layer that carries trainable tokens (PEFT writes one with "
+                "save_embedding_layers, after a vocabulary resize, or for modules_to_save on a tied head, which PEFT "
+                "itself cannot run); replacing the base's layer is not modeled: re-save without it, or merge with PEFT"
             )
         if key.endswith(TOKEN_SUFFIX):
             name = key[: -len(TOKEN_SUFFIX)]
