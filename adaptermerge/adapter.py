@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from adaptermerge.lowrank import LowRank
+from adaptermerge.tokens import TokenRows
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Adapter:
         extra_tensors: non-LoRA tensors that travel with the adapter (``modules_to_save`` copies,
             saved embedding layers), keyed as PEFT writes them (``base_model.model.<path>``).
         modules_to_save: the config's ``modules_to_save`` list.
+        token_rows: PEFT TrainableTokens (``trainable_token_indices``): module path -> trained rows that replace
+            the base rows of that module's weight (see :mod:`adaptermerge.tokens`).
         dtype: storage dtype of the factors on disk (what :meth:`save` writes by default).
         config: the source ``adapter_config.json`` (for provenance and inspection only).
         source: where it was read from, if anywhere.
@@ -40,6 +43,7 @@ class Adapter:
     task_type: str | None = None
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     config: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
@@ -66,6 +70,7 @@ class Adapter:
             n += m.A.numel() + m.B.numel()
             n += 0 if m.bias is None else m.bias.numel()
             n += 0 if m.magnitude is None else m.magnitude.numel()
+        n += sum(tr.rows.numel() for tr in self.token_rows.values())
         return n + sum(t.numel() for t in self.extra_tensors.values())
 
     def save(

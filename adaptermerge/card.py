@@ -38,6 +38,7 @@ def combine_card(result: Adapter, recipe: dict[str, Any]) -> str:
     lines += [
         f"- Base model: {result.base_model or '(not recorded)'}",
         f"- Output ranks: {', '.join(map(str, ranks))}; lowest kept energy {worst:.6f}",
+        *(f"- Trained token rows of `{n}`: {len(t.indices)} ids (exact)" for n, t in result.token_rows.items()),
         "",
         "| input adapter | weight |",
         "|---|---|",

@@ -20,8 +20,10 @@ import torch
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.atomic import check_output_path
+from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
 from adaptermerge.methods.registry import get_method
+from adaptermerge.tokens import combine_token_rows
 
 BATCH = 32  # modules per batched QR/SVD
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -163,7 +165,7 @@ def combine(
     compute_dtype: str | torch.dtype = torch.float32,
     allow_different_base: bool = False,
     progress: bool = False,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike | Checkpoint | None = None,
 ) -> Adapter:
     """Combine adapters into one new adapter.
 
@@ -179,9 +181,11 @@ def combine(
         compute_dtype: ``float32`` (default) or ``float64``.
         allow_different_base: accept adapters whose ``base_model_name_or_path`` differ.
         progress: show a progress bar.
-        base: the base checkpoint folder the adapters were trained on. Needed only for adapters whose
-            ``init_lora_weights`` changed the base (PiSSA, OLoRA): they are converted to plain LoRA against it
-            first (:func:`adaptermerge.convert_to_plain_lora`); without it they are refused.
+        base: the base checkpoint folder (or an open :class:`~adaptermerge.io.checkpoint.Checkpoint`) the adapters
+            were trained on. Needed only (1) for adapters whose ``init_lora_weights`` changed the base (PiSSA, OLoRA):
+            they are converted to plain LoRA against it first (:func:`adaptermerge.convert_to_plain_lora`), and
+            (2) for trained token rows (PEFT ``trainable_token_indices``) whose weights do not sum to 1: their
+            combined row ``base + sum_i w_i (row_i - base)`` contains the base row. Without it such inputs are refused.
 
     Returns:
         The combined :class:`Adapter`; ``adapter.provenance["modules"]`` holds a per-module report
@@ -218,6 +222,7 @@ def combine(
     if out_dtype is None:
         dts = {a.dtype for a in loaded}
         out_dtype = dts.pop() if len(dts) == 1 else torch.float32
+    token_rows = _combine_tokens(loaded, w, base, out_dtype)  # cheap, and refusals come before the algebra
 
     module_names = sorted({m for a in loaded for m in a.modules}, key=_natural_key)
     params = {"device": dev, "compute_dtype": cdtype}
@@ -314,6 +319,7 @@ def combine(
         task_type=loaded[0].task_type,
         extra_tensors=extras,
         modules_to_save=sorted(set(mts)) if mts else None,
+        token_rows=token_rows,
         dtype=out_dtype,
         warnings=warnings,
         provenance={
@@ -322,13 +328,21 @@ def combine(
             "rank": rank,
             "energy": energy,
             "allow_different_base": allow_different_base,
-            "base": str(Path(base).resolve()) if base and any("converted" in a.provenance for a in loaded) else None,
+            **({"base": _base_path(base)} if base is not None and (token_rows or _converted(loaded)) else {}),
             "inputs": [str(a.source) if a.source else None for a in loaded],
             "compute_dtype": str(cdtype).replace("torch.", ""),
             "dtype": str(out_dtype).replace("torch.", ""),
             "modules": [asdict(r) for r in (reports[m] for m in module_names)],
         },
     )
+
+
+def _base_path(base: str | os.PathLike | Checkpoint) -> str:
+    return str(Path(base.path if isinstance(base, Checkpoint) else base).resolve())
+
+
+def _converted(loaded: Sequence[Adapter]) -> bool:
+    return any("converted" in a.provenance for a in loaded)
 
 
 def _bias_notes(modules: dict[str, LowRank], module_names: list[str]) -> list[str]:
@@ -342,6 +356,25 @@ def _bias_notes(modules: dict[str, LowRank], module_names: list[str]) -> list[st
         "as missing keys). PEFT's merge_and_unload, and adaptermerge merge, need a base layer with a bias for every "
         "module that carries one"
     ]
+
+
+def _combine_tokens(
+    loaded: Sequence[Adapter], w: list[float], base: str | os.PathLike | Checkpoint | None, dtype: torch.dtype
+) -> dict:
+    """The weighted sum of the inputs' trained token rows (exact for every method; see :mod:`adaptermerge.tokens`)."""
+    if not any(a.token_rows for a in loaded):
+        return {}
+    from adaptermerge.io.tokens import check_token_modules
+
+    every = {n: tr for a in loaded for n, tr in a.token_rows.items()}
+    mts = [m for a in loaded for m in (a.modules_to_save or [])]
+    check_token_modules(every, [m for a in loaded for m in a.modules], mts, "the combined adapter")
+    base_rows = None
+    if base is not None:
+        from adaptermerge.surgery.tokens import checkpoint_rows  # maps names as merges do (surgery imports us)
+
+        base_rows = checkpoint_rows(base if isinstance(base, Checkpoint) else open_checkpoint(base))
+    return combine_token_rows([a.token_rows for a in loaded], w, base_rows, dtype)
 
 
 def save_combined(result: Adapter, out: str | os.PathLike, overwrite: bool = False) -> Path:

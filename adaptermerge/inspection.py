@@ -88,6 +88,7 @@ def describe_adapter(adapter: Adapter, norms: bool = True) -> dict[str, Any]:
         "fan_in_fan_out": any(m.layout == "conv1d" for m in adapter.modules.values()),
         "modules_to_save": adapter.modules_to_save,
         "extra_tensors": sorted(adapter.extra_tensors),
+        "trainable_tokens": {n: len(tr.indices) for n, tr in adapter.token_rows.items()},
         "num_parameters": adapter.num_parameters(),
         "size_bytes": size,
         "modules": modules,

@@ -12,6 +12,7 @@ Schema (``adaptermerge_recipe.yaml``)::
       rank: 32
       energy: null
       allow_different_base: false
+      base: /abs/path/to/base        # only when token rows needed the base checkpoint's rows
     models:
       - model: /abs/path/to/adapter  # relative paths resolve against the recipe's folder
         parameters: {weight: 0.7}
@@ -68,7 +69,8 @@ def combine_recipe(result: Adapter) -> dict[str, Any]:
 
 
 def _base_entry(base: str | None) -> dict[str, Any]:
-    """The base a combine converted PiSSA/OLoRA inputs against, with hashes of its config and index."""
+    """The base a combine read (to convert PiSSA/OLoRA inputs, or for token rows), with hashes of its config and
+    index."""
     if not base:
         return {}
     files = ("config.json", "model.safetensors.index.json")

@@ -17,7 +17,8 @@ def format_adapter(d: dict[str, Any], verbose: bool) -> str:
         f"modules     {d['num_modules']}  ranks {', '.join(f'r={r} x{n}' for r, n in d['ranks'].items())}",
         f"dtype       {d['dtype']}   params {d['num_parameters']:,}   file {d['size_bytes'] / 1e6:.2f} MB",
         f"flags       rslora={d['use_rslora']} dora={d['use_dora']} conv1d={d['fan_in_fan_out']}"
-        + (f" modules_to_save={d['modules_to_save']}" if d["modules_to_save"] else ""),
+        + (f" modules_to_save={d['modules_to_save']}" if d["modules_to_save"] else "")
+        + "".join(f" trainable_tokens[{n}]={k}" for n, k in d.get("trainable_tokens", {}).items()),
     ]
     mods = d["modules"] if verbose else d["modules"][:8]
     lines.append("")
@@ -137,8 +138,8 @@ def format_combine(d: dict[str, Any]) -> str:
 @click.option(
     "--base",
     type=click.Path(exists=True, file_okay=False),
-    help="Base checkpoint the adapters were trained on; needed for PiSSA/OLoRA adapters (init_lora_weights), "
-    "which are converted to plain LoRA against it.",
+    help="Base checkpoint the adapters were trained on; needed for PiSSA/OLoRA adapters (converted to plain LoRA "
+    "against it) and for trained token rows (trainable_token_indices) combined with weights that do not sum to 1.",
 )
 @click.option(
     "--recipe",

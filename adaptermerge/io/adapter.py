@@ -25,6 +25,13 @@ from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.peft_config import changes_base, check_config, targets_module, training_only_tensor
 from adaptermerge.io.safetensors_header import read_header
+from adaptermerge.io.tokens import (
+    check_token_modules,
+    read_token_rows,
+    split_token_tensors,
+    token_config_value,
+    token_state_dict,
+)
 from adaptermerge.lowrank import LowRank
 
 CONFIG_NAME = "adapter_config.json"
@@ -181,7 +188,9 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, raw_init: 
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder; pass the adapter folder, not a file in it")
     config = _read_config(folder, raw_init)
-    parts, extra = _split_tensors(_read_tensors(folder, allow_pickle), config)
+    token_tensors, tensors = split_token_tensors(_read_tensors(folder, allow_pickle), PEFT_PREFIX)
+    token_rows = read_token_rows(config, token_tensors, str(folder / WEIGHTS_NAME))
+    parts, extra = _split_tensors(tensors, config)
     modules = {name: _module_lowrank(name, parts[name], config) for name in sorted(parts, key=_natural_key)}
     if not modules:
         raise InvalidAdapter(
@@ -190,6 +199,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, raw_init: 
     _check_targets(config, modules)
     _check_extras(config, extra, folder)
     mts = config.get("modules_to_save") or []
+    check_token_modules(token_rows, list(modules), list(mts), str(folder / WEIGHTS_NAME))
     first = next(iter(parts.values()))
     dtype = next(t.dtype for t in first.values())
     return Adapter(
@@ -198,6 +208,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, raw_init: 
         task_type=config.get("task_type"),
         extra_tensors=extra,
         modules_to_save=list(mts) if mts else None,
+        token_rows=token_rows,
         dtype=dtype,
         config=config,
         source=folder.resolve(),
@@ -347,6 +358,7 @@ def adapter_config_for(adapter: Adapter) -> dict[str, Any]:
         "lora_bias": adapter.uses_bias,
         "bias": _bias_mode(adapter),
         "modules_to_save": adapter.modules_to_save,
+        "trainable_token_indices": token_config_value(adapter.token_rows),
         "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -384,6 +396,7 @@ def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> di
             sd[key + ".lora_magnitude_vector"] = m.magnitude.to(dtype).contiguous()
     for key, t in adapter.extra_tensors.items():
         sd[key] = t.contiguous()
+    sd.update(token_state_dict(adapter.token_rows, PEFT_PREFIX, dtype))
     return sd
 
 
@@ -405,6 +418,9 @@ def save_adapter(
     for name, m in adapter.modules.items():
         if not m.is_finite():
             raise InvalidAdapter(f"module {name}: NaN or Inf in the result; nothing was written")
+    for name, tr in adapter.token_rows.items():
+        if not bool(torch.isfinite(tr.rows).all()):
+            raise InvalidAdapter(f"token rows of {name}: NaN or Inf in the result; nothing was written")
     if not any(m.rank > 0 for m in adapter.modules.values()):
         raise InvalidAdapter("the adapter has no non-zero module (the deltas cancel or are empty); nothing was written")
     sd = adapter_state_dict(adapter, dtype)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adaptermerge.errors import InvalidAdapter, UnsupportedAdapter
+from adaptermerge.io.tokens import check_token_config
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -203,6 +204,11 @@ RULES: dict[str, Rule] = {
     "lora_bias": Rule(Kind.MODELED, "lora_B carries a bias, added to the base layer's bias"),
     "bias": Rule(Kind.MODELED, "trained base biases saved beside the factors, replacing the base's", _check_bias),
     "modules_to_save": Rule(Kind.MODELED, "full copies of modules (heads) saved beside the factors"),
+    "trainable_token_indices": Rule(
+        Kind.MODELED,
+        "TrainableTokens: trained rows of the embedding (and of a tied head) that replace the base rows",
+        check_token_config,
+    ),
     "init_lora_weights": Rule(
         Kind.MODELED,
         "plain LoRA once trained, except inits that change the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), which are "
@@ -231,11 +237,6 @@ RULES: dict[str, Rule] = {
     "megatron_core": Rule(Kind.TRAINING, "the Megatron module path, used only with megatron_config"),
     "qalora_group_size": Rule(Kind.TRAINING, "QALoRA pooling size, used only with use_qalora"),
     # changes what the adapter computes in ways we do not model
-    "trainable_token_indices": Rule(
-        Kind.REFUSED,
-        "TrainableTokens: trained embedding rows saved as a token_adapter tensor; merge it with PEFT's "
-        "merge_and_unload",
-    ),
     "alora_invocation_tokens": Rule(
         Kind.REFUSED,
         "activated LoRA applies the update only after its invocation tokens, so it has no merged equivalent "

@@ -29,6 +29,7 @@ from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
+from adaptermerge.surgery.tokens import fold_rows
 
 QUANT_CHOICES = ("nf4", "fp4")
 CHUNK_BYTES = 2 << 20  # fp32 bytes per row chunk of a streamed merge (cache-sized)
@@ -111,7 +112,7 @@ def _as_adapter(
         return loaded[0], loaded
     # linear in merge = exact sum: 'cat' gives it without any decomposition (the delta is formed densely per module)
     m = "cat" if method == "linear" and rank is None and energy is None else method
-    return combine(loaded, weights, method=m, rank=rank, energy=energy), loaded
+    return combine(loaded, weights, method=m, rank=rank, energy=energy, base=ckpt), loaded
 
 
 def merge_into_base(
@@ -454,6 +455,12 @@ class _Executor:
             b = self.read_src(job).to(torch.float32) + self.adapter.modules[job.module].bias.to(torch.float32)
             check_range(b, want, f"{job.module} (bias)")
             writer.write_tensor(name, b.to(want))
+        elif job.action == "tokens":
+            rows = self.adapter.token_rows[job.module]
+            check_narrowing(rows.rows, want, f"{name} (token rows of {job.module})")
+            new, rel = fold_rows(self.read_src(job), rows, want)
+            self.report.modules.append(ModuleResult(job.module, name, rel))
+            writer.write_tensor(name, new)
         elif job.action in ("replace", "add"):
             extra = self.adapter.extra_tensors[job.extra_key]
             check_narrowing(extra, want, name)

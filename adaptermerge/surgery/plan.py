@@ -20,6 +20,7 @@ from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
 from adaptermerge.io.stream import FLOAT_DTYPES, PlannedTensor
+from adaptermerge.surgery.tokens import plan_token_targets
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -30,7 +31,8 @@ class Job:
 
     ``action``: ``copy`` (bytes unchanged), ``convert`` (dtype change only), ``merge`` (W + delta of
     ``module``), ``bias`` (b + bias delta of ``module``), ``replace``/``add`` (an adapter tensor, e.g. a
-    ``modules_to_save`` head), ``quant`` (a member of a 4-bit group whose weight is ``group``).
+    ``modules_to_save`` head), ``quant`` (a member of a 4-bit group whose weight is ``group``), ``tokens`` (W with
+    the trained token rows of ``module`` written over its rows).
     """
 
     out: PlannedTensor
@@ -122,10 +124,13 @@ class _Change:
 
     replace: str | None = None  # adapter extra-tensor key (modules_to_save copy, or a saved base layer)
     module: str | None = None  # adapter module whose delta is added
+    tokens: str | None = None  # adapter token module whose trained rows are written over the tensor's rows
 
     def same_as(self, other: _Change, adapter: Adapter) -> bool:
         """Whether both changes give the same tensor from the same base tensor."""
         if (self.replace is None) != (other.replace is None) or (self.module is None) != (other.module is None):
+            return False
+        if self.tokens != other.tokens:
             return False
         if self.replace is not None and not _equal(
             adapter.extra_tensors[self.replace], adapter.extra_tensors[other.replace]
@@ -242,6 +247,7 @@ def plan_merge(
         rename = ("", strip)
     modules = {m: _map(m, strip, add) + ".weight" for m in adapter.modules}
     changes = _changes(adapter, modules, extras)
+    _add_token_changes(ckpt, adapter, changes, ties, groups, lambda n: _map(n, strip, add) + ".weight")
     quantized = _check_shapes(ckpt, adapter, modules, groups, quant_specs or {}, ties)
     untie = _untie(ties, changes, adapter)
     shards = _shard_jobs(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype)
@@ -275,6 +281,32 @@ def _changes(adapter: Adapter, modules: dict[str, str], extras: dict[str, str]) 
         if adapter.modules[m].bias is not None:
             changes.setdefault(key[: -len("weight")] + "bias", _Change()).module = m
     return changes
+
+
+def _add_token_changes(
+    ckpt: Checkpoint,
+    adapter: Adapter,
+    changes: dict[str, _Change],
+    ties: _Ties,
+    groups: dict[str, list[str]],
+    key_of,
+) -> None:
+    """Trained token rows as changes. PEFT wraps a head tied to the embedding with a *tied* token wrapper that shares
+    the embedding's rows, so every member of the embedding's tie group gets them (and the group stays tied)."""
+    taken = {
+        k: f"the LoRA factors of {c.module}" if c.module else f"the adapter tensor {c.replace}"
+        for k, c in changes.items()
+    }
+    taken.update({w: "its 4-bit re-quantization" for w in groups})
+    for key, name in plan_token_targets(ckpt, adapter, key_of, taken).items():
+        group = next((g for g in ties.groups if key in g), [key])
+        for k in group:
+            if k not in ckpt.weight_map and k in changes:
+                raise IncompatibleAdapters(
+                    f"{k} shares the tensor of {key}, so it would receive both the token rows of {name} and "
+                    f"{taken[k]}; PEFT cannot run such an adapter (one wrapper per module)"
+                )
+            changes.setdefault(k, _Change()).tokens = name
 
 
 def _check_shapes(
@@ -357,6 +389,8 @@ def _job(
     """The job that writes ``out`` from the source tensor ``info`` with ``change`` applied."""
     if change is None:
         return Job(out, "copy" if out.dtype == info.dtype else "convert", f, info)
+    if change.tokens is not None:
+        return Job(out, "tokens", f, info, change.tokens)
     if change.module is not None and key.endswith(".bias"):
         return Job(out, "bias", f, info, change.module)
     if change.replace is not None:
