@@ -19,6 +19,7 @@ from adaptermerge.errors import (
     OutputExistsError,
     UnsafeFormat,
     UnsupportedAdapter,
+    UnsupportedArchitecture,
     UsageError,
 )
 from adaptermerge.inspection import describe
@@ -43,6 +44,7 @@ __all__ = [
     "OutputExistsError",
     "UnsafeFormat",
     "UnsupportedAdapter",
+    "UnsupportedArchitecture",
     "UsageError",
     "__version__",
     "combine",

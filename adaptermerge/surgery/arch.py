@@ -1,62 +1,230 @@
-"""What kind of layer each checkpoint weight belongs to, from the model class built on the meta device."""
+"""What each checkpoint weight is, from the model class that ``config.json`` names, built on the meta device.
+
+Names cannot tell these facts apart: GPT-2's ``Conv1D`` stores ``in x out`` where ``nn.Linear`` stores
+``out x in`` (square layers look the same either way), and which layers transformers' bitsandbytes
+integration quantizes follows its own rules (exact ``nn.Linear`` and ``Conv1D`` types only, not the output
+head, tied or last module, nor ``_keep_in_fp32_modules``). So the answers come from the class itself:
+
+* the class is the one ``architectures`` names (or, without it, the default causal-LM / base class of
+  ``model_type``), imported alone through transformers' lazy module (about 0.1 s once transformers' core is
+  loaded, which reading an adapter already does through PEFT);
+* it is built on the meta device (no memory, no weight initialisation);
+* transformers' own quantizer (``Bnb4BitHfQuantizer.preprocess_model``) then says which layers it turns
+  into 4-bit ones.
+
+A class transformers does not ship (custom code, which is never run) leaves the layouts unknown; callers
+refuse what they cannot do without them.
+"""
 
 from __future__ import annotations
 
-import re
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from adaptermerge.errors import UnsupportedArchitecture
 from adaptermerge.io.checkpoint import Checkpoint
 
-_EMBED_NAME = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)(\.|$)")
+KINDS = ("linear", "conv1d", "embedding")
 
 
-def weight_layouts(ckpt: Checkpoint) -> tuple[dict[str, str], str | None]:
-    """Checkpoint weight key -> ``linear`` / ``conv1d`` / ``embedding`` for every 2-D layer weight, and the
-    output head's key. Falls back to names when transformers cannot build the model from ``config.json``.
+@dataclass(frozen=True)
+class Layers:
+    """Layer kinds of a checkpoint's 2-D weights, as the model class defines them.
 
-    Returns:
-        (layouts, head_key); layouts only lists keys present in the checkpoint; head_key is the output
-        head's weight key in checkpoint naming even when the checkpoint does not store it (tied).
+    ``kinds`` maps checkpoint weight keys (only keys the checkpoint stores) to ``linear`` / ``conv1d`` /
+    ``embedding``; ``head_key`` is the output head's weight key in checkpoint naming (also when a tied
+    checkpoint does not store it); ``source`` names the class, or says why none could be built.
     """
-    present = set(ckpt.weight_map)
-    try:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-        from transformers.pytorch_utils import Conv1D
 
-        cfg = {k: v for k, v in ckpt.config.items() if k != "transformers_version"}
-        config = AutoConfig.for_model(**cfg)
+    known: bool
+    source: str
+    kinds: dict[str, str] = field(default_factory=dict)
+    head_key: str | None = None
+
+    def kind(self, key: str) -> str | None:
+        return self.kinds.get(key)
+
+    def require_known(self, what: str) -> None:
+        if not self.known:
+            raise UnsupportedArchitecture(
+                f"{what} needs to know which weights are Linear, Conv1D or Embedding layers, and {self.source}"
+            )
+
+
+@dataclass(frozen=True)
+class Bnb4bitChoice:
+    """What transformers does when it loads this checkpoint with a 4-bit ``BitsAndBytesConfig``.
+
+    ``converted``: checkpoint weight key -> ``linear`` / ``conv1d`` for every layer it makes 4-bit (a
+    ``Conv1D`` weight is transposed to ``out x in`` before quantization). ``upcast``: keys it loads in
+    float32 whatever the checkpoint's dtype (``_keep_in_fp32_modules`` for float16, ``..._strict`` also for
+    bfloat16). ``skipped``: the module patterns it keeps dense (its ``modules_to_not_convert``).
+    """
+
+    cls_name: str
+    converted: dict[str, str]
+    upcast: list[str]
+    skipped: list[str]
+
+
+def weight_layouts(ckpt: Checkpoint) -> Layers:
+    """The layer kind of every 2-D layer weight of ``ckpt`` and its output head's key (see :class:`Layers`).
+
+    Example:
+        >>> layers = weight_layouts(open_checkpoint("gpt2"))  # doctest: +SKIP
+        >>> layers.kind("transformer.h.0.attn.c_attn.weight"), layers.head_key  # doctest: +SKIP
+        ('conv1d', 'lm_head.weight')
+    """
+    return _layers(_config_key(ckpt), frozenset(ckpt.weight_map))
+
+
+def bnb_4bit_choice(ckpt: Checkpoint, quant_type: str, dtype: torch.dtype) -> Bnb4bitChoice:
+    """Which weights transformers quantizes (and upcasts) when it loads ``ckpt`` as ``dtype`` in 4-bit.
+
+    Asks transformers itself: the class named by ``architectures`` is built on the meta device and handed to
+    the quantizer ``from_pretrained`` uses (``Bnb4BitHfQuantizer.preprocess_model``: ``get_keys_to_not_convert``,
+    ``_keep_in_fp32_modules``, then ``replace_with_bnb_linear``); the layers it replaced are the answer.
+
+    Raises:
+        UnsupportedArchitecture: transformers cannot build the class, or converts a layer whose weight the
+            checkpoint does not store under that layer's name (it would rename it on load).
+    """
+    return _bnb_choice(_config_key(ckpt), frozenset(ckpt.weight_map), quant_type, dtype)
+
+
+def _config_key(ckpt: Checkpoint) -> str:
+    cfg = {k: v for k, v in ckpt.config.items() if k != "transformers_version"}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+class _NoModel(Exception):
+    """transformers cannot build the checkpoint's class; the message says why."""
+
+
+def _model_class(cfg: dict[str, Any]) -> type:
+    """The class ``architectures`` names; without it, the default causal-LM (else base) class of ``model_type``."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    names = cfg.get("architectures") or []
+    if names:
+        name = str(names[0])
+    else:
+        mt = cfg.get("model_type")
+        name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or modeling_auto.MODEL_MAPPING_NAMES.get(mt)
+        if not name:
+            raise _NoModel(
+                "config.json names no architectures and transformers has no class for model_type "
+                f"{mt!r} (custom code is never run)"
+            )
+    try:
+        cls = getattr(transformers, name)  # imports that model's module only
+    except AttributeError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise _NoModel(
+            f"transformers {transformers.__version__} has no model class {name!r} (custom code is never run)"
+        )
+    return cls
+
+
+def _meta_model(config_key: str) -> torch.nn.Module:
+    """A fresh instance of the checkpoint's class on the meta device."""
+    cfg = json.loads(config_key)
+    cls = _model_class(cfg)
+    try:
+        config = cls.config_class.from_dict({k: v for k, v in cfg.items() if k != "quantization_config"})
         with torch.device("meta"):
-            try:
-                model = AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                model = AutoModel.from_config(config)
-    except Exception:  # noqa: BLE001 - unknown architecture: fall back to names below
-        model = None
-    out: dict[str, str] = {}
-    head_key = None
-    if model is not None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        found: dict[str, str] = {}
-        for name, mod in model.named_modules():
-            key = name + ".weight"
-            if isinstance(mod, Conv1D):
-                found[key] = "conv1d"
-            elif isinstance(mod, torch.nn.Linear):
-                found[key] = "linear"
-            elif isinstance(mod, torch.nn.Embedding):
-                found[key] = "embedding"
-            if head is not None and mod is head:
-                head_key = key
-        if not (set(found) & present):
-            prefix = getattr(model, "base_model_prefix", "") + "."
-            found = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in found.items()}
-            if head_key and head_key.startswith(prefix):
-                head_key = head_key[len(prefix) :]
-        out = {k: v for k, v in found.items() if k in present}
-    if not out:
-        for k in present:
-            info = ckpt.info(k)
-            if k.endswith(".weight") and len(info.shape) == 2:
-                out[k] = "embedding" if _EMBED_NAME.search(k) else "linear"
-    return out, head_key
+            return cls._from_config(config)
+    except Exception as e:  # noqa: BLE001 - any failure of transformers to build the class from this config
+        raise _NoModel(
+            f"transformers cannot build {cls.__name__} from config.json ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
+
+
+def _to_checkpoint(model: torch.nn.Module, names: dict[str, Any], present: frozenset[str]) -> dict[str, Any]:
+    """Model parameter names -> checkpoint keys: unchanged, or without ``base_model_prefix`` when the
+    checkpoint was saved from the bare model (as transformers maps them when loading)."""
+    params = {n for n, _ in model.named_parameters()}
+    if params & present:
+        return dict(names)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in names.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _layers(config_key: str, present: frozenset[str]) -> Layers:
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        model = _meta_model(config_key)
+    except _NoModel as e:
+        return Layers(False, str(e))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: dict[str, str] = {}
+    head_name = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, Conv1D):
+            found[name + ".weight"] = "conv1d"
+        elif isinstance(mod, torch.nn.Linear):
+            found[name + ".weight"] = "linear"
+        elif isinstance(mod, torch.nn.Embedding):
+            found[name + ".weight"] = "embedding"
+        if head is not None and mod is head:
+            head_name = name + ".weight"
+    mapped = _to_checkpoint(model, found, present)
+    head_key = next(iter(_to_checkpoint(model, {head_name: None}, present))) if head_name else None
+    return Layers(True, type(model).__name__, {k: v for k, v in mapped.items() if k in present}, head_key)
+
+
+@functools.lru_cache(maxsize=8)
+def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype: torch.dtype) -> Bnb4bitChoice:
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    try:
+        model = _meta_model(config_key)
+    except _NoModel as e:
+        raise UnsupportedArchitecture(
+            f"--quantize follows transformers' 4-bit rules for the model class, but {e}"
+        ) from None
+    cls_name = type(model).__name__
+    upcast = _upcast_keys(model, dtype, present)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True)
+    quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+    converted = {
+        name + ".weight": "conv1d" if issubclass(mod.source_cls, Conv1D) else "linear"
+        for name, mod in model.named_modules()
+        if isinstance(mod, bnb.nn.Linear4bit)
+    }
+    mapped = _to_checkpoint(model, converted, present)
+    missing = sorted(k for k in mapped if k not in present)
+    if missing:
+        raise UnsupportedArchitecture(
+            f"transformers quantizes the layer {missing[0][: -len('.weight')]} of {cls_name}, but the checkpoint does "
+            "not store its weight under that name (transformers renames it when loading); --quantize cannot "
+            "mirror that: quantize with transformers (from_pretrained with a BitsAndBytesConfig) instead"
+        )
+    return Bnb4bitChoice(cls_name, mapped, upcast, sorted(quantizer.modules_to_not_convert))
+
+
+def _upcast_keys(model: Any, dtype: torch.dtype, present: frozenset[str]) -> list[str]:
+    """Checkpoint keys transformers loads in float32 when the model is loaded as ``dtype``.
+
+    Mirrors ``PreTrainedModel._get_dtype_plan`` and its use in ``core_model_loading`` (a regex search of
+    each key for the ``_keep_in_fp32_modules`` patterns).
+    """
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return []
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation, _, _ = build_glob_alternation(list(plan))
+    return sorted(k for k in present if alternation.search(k))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from adaptermerge.adapter import Adapter
-from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint
+from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, UnsupportedArchitecture
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
@@ -60,6 +60,7 @@ class MergePlan:
     rename: tuple[str, str]  # (strip, add) prefix applied to every checkpoint key
     quantized: dict[str, str] = field(default_factory=dict)  # output weight key -> quant type of touched 4-bit modules
     warnings: list[str] = field(default_factory=list)
+    adapter: Adapter | None = None  # the adapter as planned: each module's layout is its layer's (see _fix_layouts)
 
     @property
     def total_bytes(self) -> int:
@@ -96,21 +97,51 @@ def _map(name: str, strip: str, add: str) -> str:
     return add + name[len(strip) :] if name.startswith(strip) else name
 
 
-def _fix_layouts(ckpt: Checkpoint, adapter: Adapter) -> Adapter:
-    """PEFT's ``fan_in_fan_out`` is one flag for the whole adapter, but PEFT applies it per layer type (a GPT-2
-    adapter on Conv1D blocks and the Linear ``lm_head``). Take each module's layout from the model's layers."""
-    if not any(m.layout == "conv1d" for m in adapter.modules.values()):
-        return adapter
+def _fix_layouts(ckpt: Checkpoint, adapter: Adapter, keys: dict[str, str], quantized: set[str]) -> Adapter:
+    """Each module's Linear/Conv1D layout from the layer it updates (``keys``: module -> checkpoint weight key).
+
+    PEFT's ``fan_in_fan_out`` is one flag for the whole adapter, but PEFT applies it per layer type (a GPT-2
+    adapter on Conv1D blocks and the Linear ``lm_head``), and it records the type of the last layer it
+    wrapped. A bitsandbytes 4-bit weight is ``out x in`` whatever the dense layer was (transformers transposes
+    ``Conv1D`` weights before quantizing them, and PEFT merges into 4-bit layers with ``fan_in_fan_out`` off),
+    so its delta goes in the Linear layout.
+    """
     from dataclasses import replace
 
-    from adaptermerge.surgery.arch import weight_layouts
-
-    layouts, _ = weight_layouts(ckpt)
+    layers = None
     fixed = {}
     for n, m in adapter.modules.items():
-        kind = next((v for k, v in layouts.items() if k == n + ".weight" or k.endswith("." + n + ".weight")), None)
-        fixed[n] = replace(m, layout="linear") if m.layout == "conv1d" and kind == "linear" else m
+        key = keys[n]
+        if m.layout == "embedding":
+            layout = m.layout
+        elif key in quantized:
+            layout = "linear"
+        else:
+            if layers is None:
+                from adaptermerge.surgery.arch import weight_layouts
+
+                layers = weight_layouts(ckpt)
+            layout = _dense_layout(ckpt, key, m, layers)
+        fixed[n] = m if layout == m.layout else replace(m, layout=layout)
     return replace(adapter, modules=fixed)
+
+
+def _dense_layout(ckpt: Checkpoint, key: str, lr, layers) -> str:
+    """The model's layer type; for a layer the model class does not tell (custom code), the stored shape when it
+    is not square, else PEFT's record (``fan_in_fan_out`` off: that adapter wrapped nn.Linear layers)."""
+    kind = layers.kind(key)
+    if kind in ("linear", "conv1d"):
+        return kind
+    shape = tuple(ckpt.info(key).shape)
+    out, inn = lr.shape
+    if out != inn and shape in ((out, inn), (inn, out)):
+        return "linear" if shape == (out, inn) else "conv1d"
+    if lr.layout == "linear" or shape != (out, inn):  # a wrong shape is refused by the planner's check
+        return lr.layout
+    raise UnsupportedArchitecture(
+        f"cannot tell whether {key} is a Conv1D or a Linear layer (the adapter sets fan_in_fan_out, which PEFT "
+        f"records per adapter, not per layer, and {layers.source}); its square weight fits both"
+    )
 
 
 def _drop_tied_head_copy(ckpt: Checkpoint, adapter: Adapter, keys: set[str]) -> Adapter:
@@ -153,7 +184,7 @@ def plan_merge(
     """
     keys = set(ckpt.weight_map)
     groups = quantized_members or {}
-    adapter = _fix_layouts(ckpt, _drop_tied_head_copy(ckpt, adapter, keys))
+    adapter = _drop_tied_head_copy(ckpt, adapter, keys)
     member_of = {m: w for w, ms in groups.items() for m in ms}
     pm = choose_prefix_map(adapter.modules, keys)
     if pm is None:
@@ -176,6 +207,7 @@ def plan_merge(
         # transformers finds both the head and the backbone.
         rename = ("", strip)
         extras = {strip + n: k for n, k in extras.items()}
+    adapter = _fix_layouts(ckpt, adapter, {m: _map(m, strip, add) + ".weight" for m in adapter.modules}, set(groups))
     modules = {m: rename[1] + _map(m, strip, add) + ".weight" for m in adapter.modules}
     by_key = {v: m for m, v in modules.items()}
     bias_of = {v[: -len("weight")] + "bias": m for m, v in modules.items() if adapter.modules[m].bias is not None}
@@ -245,7 +277,7 @@ def plan_merge(
                 jobs.append(Job(PlannedTensor(out_name, dtype, tuple(t.shape)), "add", extra_key=k))
                 warnings.append(f"added {out_name} from the adapter's modules_to_save (the base has no such tensor)")
         shards.append(ShardPlan(f, jobs, dict(header.metadata) or {"format": "pt"}))
-    return MergePlan(shards, modules, rename, quantized, warnings)
+    return MergePlan(shards, modules, rename, quantized, warnings, adapter)
 
 
 def non_weight_files(folder: Path, weight_files: Iterable[str]) -> tuple[list[Path], list[str]]:
