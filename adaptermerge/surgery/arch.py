@@ -18,8 +18,10 @@ refuse what they cannot do without them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +140,7 @@ def _meta_model(config_key: str) -> torch.nn.Module:
     cls = _model_class(cfg)
     try:
         config = cls.config_class.from_dict({k: v for k, v in cfg.items() if k != "quantization_config"})
-        with torch.device("meta"):
+        with torch.device("meta"), _quiet_transformers():
             return cls._from_config(config)
     except Exception as e:  # noqa: BLE001 - any failure of transformers to build the class from this config
         raise _NoModel(
@@ -198,7 +200,8 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
     upcast = _upcast_keys(model, dtype, present)
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True)
     quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+    with _quiet_transformers():  # it warns (naming eetq) when it converts nothing; the caller says it better
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
     converted = {
         name + ".weight": "conv1d" if issubclass(mod.source_cls, Conv1D) else "linear"
         for name, mod in model.named_modules()
@@ -213,6 +216,18 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
             "mirror that: quantize with transformers (from_pretrained with a BitsAndBytesConfig) instead"
         )
     return Bnb4bitChoice(cls_name, mapped, upcast, sorted(quantizer.modules_to_not_convert))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _upcast_keys(model: Any, dtype: torch.dtype, present: frozenset[str]) -> list[str]:

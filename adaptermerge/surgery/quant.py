@@ -11,8 +11,10 @@
   weight is rounded to its stored dtype (the dense checkpoint a plain merge writes) and quantized the way
   ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` quantizes that checkpoint.
 
-The quant-state JSON of a re-quantized weight is written compactly and padded with spaces to the planned
-length (JSON ignores trailing whitespace), so the output header is fixed before any data is written.
+The output header is fixed before any data is written. The quant-state JSON of a re-quantized weight keeps
+the source's length: it is written compactly and padded with spaces (JSON ignores trailing whitespace). A new
+weight's JSON is planned to its exact length, which depends on the double-quantization offset: the planner
+computes that offset from the merged weight in a first pass (one merge more per layer, no quantization).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from adaptermerge.surgery.merge import MergeReport, _Executor
 
 LOST_DELTA_THRESHOLD = 0.5  # warn when less than half of a module's delta survives re-quantization
-NEW_STATE_LEN = 320  # planned byte length of a new quant-state JSON (about 170 used)
 NEW_BLOCKSIZE = 64
 
 
@@ -77,7 +78,7 @@ def new_spec(quant_type: str, shape: tuple[int, ...], dtype: torch.dtype) -> bnb
     return bnb4.QuantSpec(quant_type, NEW_BLOCKSIZE, True, 256, dtype, tuple(shape), torch.uint8)
 
 
-def _new_group_tensors(key: str, spec: bnb4.QuantSpec) -> list[PlannedTensor]:
+def _new_group_tensors(key: str, spec: bnb4.QuantSpec, state_len: int) -> list[PlannedTensor]:
     blocks = spec.num_blocks
     return [
         PlannedTensor(key, "U8", (-(-spec.numel // 2), 1)),
@@ -85,7 +86,7 @@ def _new_group_tensors(key: str, spec: bnb4.QuantSpec) -> list[PlannedTensor]:
         PlannedTensor(key + ".quant_map", "F32", (16,)),
         PlannedTensor(key + ".nested_absmax", "F32", (-(-blocks // 256),)),
         PlannedTensor(key + ".nested_quant_map", "F32", (256,)),
-        PlannedTensor(f"{key}{bnb4.STATE_MARKER}{spec.quant_type}", "U8", (NEW_STATE_LEN,)),
+        PlannedTensor(f"{key}{bnb4.STATE_MARKER}{spec.quant_type}", "U8", (state_len,)),
     ]
 
 
@@ -153,11 +154,11 @@ def _quantize_plan(ex: _Executor) -> list[ShardPlan]:
             f"transformers' bitsandbytes integration makes no layer of {choice.cls_name} 4-bit (it converts modules "
             "whose type is exactly nn.Linear or Conv1D), so --quantize has nothing to write; merge without it"
         )
-    both = sorted(set(choice.upcast) & set(choice.converted))
-    if both:
+    if choice.upcast:
         raise UnsupportedArchitecture(
-            f"transformers upcasts {both[0]} to float32 before quantizing it ({choice.cls_name}'s "
-            "_keep_in_fp32_modules); pass --dtype float32 with --quantize"
+            f"transformers loads {choice.upcast[0]} in float32 from a {str(_load_dtype(ex)).replace('torch.', '')} "
+            f"checkpoint ({choice.cls_name}._keep_in_fp32_modules), which --quantize does not mirror; "
+            "pass --dtype bfloat16 or float32 with it"
         )
     out = []
     for s in ex.plan.shards:
@@ -170,7 +171,8 @@ def _quantize_plan(ex: _Executor) -> list[ShardPlan]:
             shape = tuple(j.src.shape) if kind == "linear" else tuple(reversed(j.src.shape))
             nq = NewQuant(new_spec(ex.quantize, shape, ST_TO_TORCH[j.out.dtype]), kind == "conv1d")
             ex.new_quant[j.src.name] = nq
-            for t in _new_group_tensors(j.out.name, nq.spec):
+            offset = bnb4.double_quant_offset(_new_target(ex, nq, j), nq.spec.blocksize)
+            for t in _new_group_tensors(j.out.name, nq.spec, bnb4.state_length(nq.spec, offset)):
                 jobs.append(Job(t, "newquant", j.src_file, j.src, j.module, j.extra_key, group=j.src.name))
         out.append(ShardPlan(s.file, jobs, s.metadata))
     return out
@@ -242,24 +244,29 @@ def _compute_group(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
 
 
 def _quantize_new(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
-    """``--quantize``: the dense weight the merge would store (rounded to its dtype), quantized ``out x in``."""
+    """``--quantize``: one layer transformers quantizes, from the dense weight a plain merge would store."""
     nq: NewQuant = ex.new_quant[job.group]
-    stored = nq.spec.dtype
-    if job.extra_key is not None:  # a modules_to_save tensor replaces the layer
-        dense = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, stored)
-    elif job.module is not None:
-        dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).to(stored)
-    else:
-        dense = read_tensor(ex.fh(job.src_file), job.src).to(ex.dev, stored)
-    target = dense.to(torch.float32)
-    if nq.conv1d:
-        target = target.T
+    target = _new_target(ex, nq, job)
     tensors, rep = bnb4.quantize_with_report(target, nq.spec, job.group, ex.optimize)  # names unchanged: no rename
     if job.module is not None:
         ex.last.quant_type = nq.spec.quant_type
         ex.last.requant_rel_error = rep.rel_error
         ex.report.modules.append(ex.last)
     return {k: v.cpu() for k, v in tensors.items()}
+
+
+def _new_target(ex: _Executor, nq: NewQuant, job: Job) -> torch.Tensor:
+    """The float32 ``out x in`` weight to quantize: merged (or replaced by a modules_to_save tensor), rounded to
+    the stored dtype as the dense checkpoint holds it, transposed for a Conv1D as transformers does."""
+    stored = nq.spec.dtype
+    if job.extra_key is not None:
+        dense = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, stored)
+    elif job.module is not None:
+        dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).to(stored)
+    else:
+        dense = read_tensor(ex.fh(job.src_file), job.src).to(ex.dev, stored)
+    target = dense.to(torch.float32)
+    return target.T if nq.conv1d else target
 
 
 def _fit_state(t: torch.Tensor, length: int, name: str) -> torch.Tensor:
