@@ -6,8 +6,10 @@ integration quantizes follows its own rules (exact ``nn.Linear`` and ``Conv1D`` 
 head, tied or last module, nor ``_keep_in_fp32_modules``). So the answers come from the class itself:
 
 * the class is the one ``architectures`` names (or, without it, the default causal-LM / base class of
-  ``model_type``), imported alone through transformers' lazy module (about 0.1 s once transformers' core is
-  loaded, which reading an adapter already does through PEFT);
+  ``model_type``), imported alone through transformers' lazy module. That model module takes about 0.1 s;
+  transformers' core (``modeling_utils`` and what it pulls in: torch._dynamo, torch.distributed.tensor) takes
+  the rest, 2.5-3 s on an idle 2-core machine and 5-6 s on a busy one (``benchmarks/bench_layouts.py``). A
+  merge pays that anyway when PEFT's target matcher reads the adapter; ``extract`` pays it here;
 * it is built on the meta device (no memory, no weight initialisation);
 * transformers' own quantizer (``Bnb4BitHfQuantizer.preprocess_model``) then says which layers it turns
   into 4-bit ones.
@@ -110,12 +112,13 @@ class _NoModel(Exception):
 def _model_class(cfg: dict[str, Any]) -> type:
     """The class ``architectures`` names; without it, the default causal-LM (else base) class of ``model_type``."""
     import transformers
-    from transformers.models.auto import modeling_auto
 
     names = cfg.get("architectures") or []
     if names:
         name = str(names[0])
     else:
+        from transformers.models.auto import modeling_auto
+
         mt = cfg.get("model_type")
         name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or modeling_auto.MODEL_MAPPING_NAMES.get(mt)
         if not name:
