@@ -55,7 +55,7 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     base = renamed(tmp_path / "g", tmp_path / "base", architectures=["MyGPTForCausalLM"])
     layers = weight_layouts(open_checkpoint(base))
     assert not layers.known and "MyGPTForCausalLM" in layers.source
-    with pytest.raises(UnsupportedArchitecture, match="extract needs to know.*MyGPTForCausalLM"):
+    with pytest.raises(UnsupportedArchitecture, match="extract needs each weight.s layer type.*MyGPTForCausalLM"):
         extract_lora(base, base, rank=2)
     r = CliRunner().invoke(cli, ["extract", str(base), str(base), "--rank", "2", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
@@ -107,7 +107,7 @@ def test_dequantize_needs_the_layer_kinds(tmp_path: Path) -> None:
     base = renamed(tmp_path / "q", tmp_path / "base", architectures=["MyGPTForCausalLM"])
     a = make_adapter(tmp_path / "a", tiny_gpt2, r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     merge_into_base(base, a, tmp_path / "merged")
-    with pytest.raises(UnsupportedArchitecture, match="--dequantize needs to know"):
+    with pytest.raises(UnsupportedArchitecture, match="--dequantize needs each weight.s layer type"):
         merge_into_base(base, a, tmp_path / "deq", dequantize=True)
     assert not (tmp_path / "deq").exists()
 

@@ -55,7 +55,8 @@ class Layers:
     def require_known(self, what: str) -> None:
         if not self.known:
             raise UnsupportedArchitecture(
-                f"{what} needs to know which weights are Linear, Conv1D or Embedding layers, and {self.source}"
+                f"{what} needs each weight's layer type (Linear, Conv1D or Embedding), which only the model class "
+                f"defines, but {self.source}; use a checkpoint whose config.json names a transformers class"
             )
 
 
@@ -114,6 +115,7 @@ def _model_class(cfg: dict[str, Any]) -> type:
     import transformers
 
     names = cfg.get("architectures") or []
+    names = [names] if isinstance(names, str) else names
     if names:
         name = str(names[0])
     else:
@@ -128,7 +130,7 @@ def _model_class(cfg: dict[str, Any]) -> type:
             )
     try:
         cls = getattr(transformers, name)  # imports that model's module only
-    except AttributeError:
+    except Exception:  # noqa: BLE001 - no such class, or its module needs a package that is not installed
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise _NoModel(
@@ -197,14 +199,20 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
         model = _meta_model(config_key)
     except _NoModel as e:
         raise UnsupportedArchitecture(
-            f"--quantize follows transformers' 4-bit rules for the model class, but {e}"
+            f"--quantize follows transformers' 4-bit rules for the model class, but {e}; merge without --quantize"
         ) from None
     cls_name = type(model).__name__
-    upcast = _upcast_keys(model, dtype, present)
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True)
-    quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
-    with _quiet_transformers():  # it warns (naming eetq) when it converts nothing; the caller says it better
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+    try:
+        upcast = _upcast_keys(model, dtype, present)
+        quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
+        with _quiet_transformers():  # it warns (naming eetq) when it converts nothing; the caller says it better
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"})
+    except Exception as e:  # noqa: BLE001 - transformers' own quantizer fails on this class
+        raise UnsupportedArchitecture(
+            f"transformers' 4-bit quantizer fails on {cls_name} ({type(e).__name__}: {str(e)[:120]}); "
+            "merge without --quantize"
+        ) from None
     converted = {
         name + ".weight": "conv1d" if issubclass(mod.source_cls, Conv1D) else "linear"
         for name, mod in model.named_modules()

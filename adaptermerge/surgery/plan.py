@@ -139,8 +139,9 @@ def _dense_layout(ckpt: Checkpoint, key: str, lr, layers) -> str:
     if lr.layout == "linear" or shape != (out, inn):  # a wrong shape is refused by the planner's check
         return lr.layout
     raise UnsupportedArchitecture(
-        f"cannot tell whether {key} is a Conv1D or a Linear layer (the adapter sets fan_in_fan_out, which PEFT "
-        f"records per adapter, not per layer, and {layers.source}); its square weight fits both"
+        f"cannot tell whether {key} is a Conv1D or a Linear layer: its weight is square, the adapter's "
+        f"fan_in_fan_out is recorded once per adapter, not per layer, and {layers.source}; use a checkpoint whose "
+        "config.json names a transformers class"
     )
 
 
