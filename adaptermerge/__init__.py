@@ -19,6 +19,7 @@ from adaptermerge.errors import (
     OutputExistsError,
     UnsafeFormat,
     UnsupportedAdapter,
+    UnsupportedArchitecture,
     UsageError,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     "OutputExistsError",
     "UnsafeFormat",
     "UnsupportedAdapter",
+    "UnsupportedArchitecture",
     "UsageError",
     "__version__",
     "combine",

@@ -43,5 +43,10 @@ class InvalidCheckpoint(AdapterMergeError):
     """A base model checkpoint folder is missing, corrupt or inconsistent."""
 
 
+class UnsupportedArchitecture(AdapterMergeError):
+    """A valid checkpoint whose architecture an operation cannot handle exactly (an unknown model class, a
+    layer layout that cannot be known, a model transformers does not 4-bit quantize)."""
+
+
 class NumericalError(AdapterMergeError):
     """A computation produced NaN/Inf or lost what it was meant to keep."""

@@ -10,11 +10,12 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
-from peft import PeftModel  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2LMHeadModel  # noqa: E402
 
 import adaptermerge  # noqa: E402
+from adaptermerge.io import bnb4  # noqa: E402
 from adaptermerge.surgery.merge import merge_into_base  # noqa: E402
 from tests.helpers import input_ids, make_adapter, peft_deltas, tiny_llama  # noqa: E402
 
@@ -149,3 +150,122 @@ def test_quantize_16bit_merge_equals_transformers_quantization(work: Path, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert isinstance(model.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+# --------------------------------------------------------------------------------------------- GPT-2 Conv1D in 4-bit
+
+
+@pytest.fixture(scope="module")
+def gpt2_work(tmp_path_factory) -> Path:
+    """A tiny GPT-2, an adapter on all its Conv1D layers (square attn.c_proj, non-square c_attn/c_fc/mlp.c_proj)
+    and the NF4 checkpoint transformers writes: its quant states hold the Conv1D weights transposed (out x in)."""
+    from tests.archs import ARCHS
+
+    d = tmp_path_factory.mktemp("gpt2q")
+    model, targets = ARCHS["gpt2"](0)
+    model.save_pretrained(d / "fp32")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, fan_in_fan_out=True, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(d / "adapter")
+    GPT2LMHeadModel.from_pretrained(
+        d / "fp32", quantization_config=bnb_config("nf4", True), device_map="cpu"
+    ).save_pretrained(d / "nf4")
+    return d
+
+
+def test_gpt2_4bit_merge_equals_peft_qlora_merge(gpt2_work: Path) -> None:
+    """The delta goes into the 4-bit weight in the Linear layout, as PEFT's bnb Linear4bit merges it."""
+    from tests.archs import forward_inputs
+
+    d = gpt2_work
+    q = GPT2LMHeadModel.from_pretrained(d / "nf4", device_map="cpu")
+    assert tuple(q.transformer.h[0].attn.c_attn.weight.quant_state.shape) == (192, 64)  # out x in
+    w4 = dequant_weights(q)
+    pm = PeftModel.from_pretrained(q, str(d / "adapter"))
+    deltas = peft_deltas(pm, "default")
+    x = forward_inputs(q)
+    peft_merged = pm.merge_and_unload()
+    peft_w = dequant_weights(peft_merged)
+    rep = merge_into_base(d / "nf4", d / "adapter", d / "merged")
+    ours_model = GPT2LMHeadModel.from_pretrained(d / "merged", device_map="cpu")
+    ours = dequant_weights(ours_model)
+    assert len(deltas) == 8 and any(w.shape[0] == w.shape[1] for w in w4.values())
+    for name, delta in deltas.items():
+        target = w4[name] + delta
+        e_ours = float((ours[name] - target).norm() / target.norm())
+        e_peft = float((peft_w[name] - target).norm() / target.norm())
+        assert e_ours <= e_peft + 1e-6, name
+        r = next(m for m in rep.modules if m.module == name)
+        assert 0.9 < r.delta_survival < 1.1 and r.requant_rel_error < 0.12, name  # delta^T would leave ~0
+    with torch.no_grad():
+        assert torch.allclose(ours_model(**x).logits, peft_merged(**x).logits, atol=1e-5)
+
+
+def test_gpt2_4bit_dequantize_writes_conv1d_layout(gpt2_work: Path) -> None:
+    """--dequantize writes dequant(W4)^T + delta^T (Conv1D's in x out), which GPT-2 loads; its logits equal the
+    unmerged QLoRA model's."""
+    from tests.archs import forward_inputs
+
+    d = gpt2_work
+    merge_into_base(d / "nf4", d / "adapter", d / "deq", dequantize=True)
+    model, info = GPT2LMHeadModel.from_pretrained(d / "deq", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    q = GPT2LMHeadModel.from_pretrained(d / "nf4", device_map="cpu")
+    w4 = dequant_weights(q)
+    ad = adaptermerge.load_adapter(d / "adapter")
+    mods = dict(model.named_modules())
+    for name, w in w4.items():
+        assert mods[name].weight.shape == w.T.shape
+        assert torch.allclose(mods[name].weight, w.T + ad.modules[name].delta().T, atol=1e-6), name
+    qlora = PeftModel.from_pretrained(q, str(d / "adapter"))
+    x = forward_inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, qlora(**x).logits, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- float quant storage
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_float_quant_storage_merges_like_uint8(work: Path, storage: torch.dtype) -> None:
+    """With bnb_4bit_quant_storage bfloat16/float32 the packed codes are a float tensor of bit patterns (some read
+    as NaN): the merge treats them as bytes. The output holds the same bytes as the uint8-storage merge, keeps the
+    storage dtype, loads back in transformers with it, and --dequantize gives the same dense weights."""
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+    )
+    base = work / f"storage-{storage}"
+    AutoModelForCausalLM.from_pretrained(work / "fp32", quantization_config=cfg, device_map="cpu").save_pretrained(base)
+    src = load_file(str(base / "model.safetensors"))
+    packed = [src[w] for w in bnb4.group_quantized(list(src))]
+    assert all(p.dtype == storage for p in packed) and any(bool(torch.isnan(p).any()) for p in packed)  # bit patterns
+    out = work / f"storage-out-{storage}"
+    merge_into_base(base, work / "adapter", out)
+    ref_out = work / "storage-ref-uint8"
+    if not ref_out.exists():
+        merge_into_base(quantized(work, "nf4", True), work / "adapter", ref_out)
+    ours, ref = load_file(str(out / "model.safetensors")), load_file(str(ref_out / "model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for k, v in ours.items():
+        assert v.dtype == src[k].dtype and v.shape == src[k].shape, k
+        assert torch.equal(v.reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), k
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == storage
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_storage"] == str(
+        storage
+    ).replace("torch.", "")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=input_ids()).logits).all()
+    merge_into_base(base, work / "adapter", work / f"storage-deq-{storage}", dequantize=True)
+    deq_ref = work / "storage-deq-uint8"
+    if not deq_ref.exists():
+        merge_into_base(quantized(work, "nf4", True), work / "adapter", deq_ref, dequantize=True)
+    a, b = (
+        load_file(str(work / f"storage-deq-{storage}" / "model.safetensors")),
+        load_file(str(deq_ref / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -432,6 +432,22 @@ def _nearest_8bit(x: torch.Tensor, code8: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x.clamp(-1, 1), bounds, out_int32=True).to(torch.uint8)
 
 
+def double_quant_offset(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The ``nested_offset`` that :func:`quantize` records for ``weight`` with double quantization (the mean
+    of the block absmax, float32, as bitsandbytes computes it)."""
+    return _blocks(weight.detach(), blocksize)[2].mean()
+
+
+def state_length(spec: QuantSpec, offset: torch.Tensor | None = None) -> int:
+    """Byte length of the quant-state JSON that :func:`quantize` writes for ``spec`` (with double quantization,
+    for this ``nested_offset``, see :func:`double_quant_offset`): a safetensors header can be planned to the
+    byte before the weight is quantized. Built by the same ``QuantState.as_dict`` call as the real state."""
+    dummy = torch.zeros(1)
+    nested = (dummy, dummy) if spec.double_quant else (None, None)
+    out = _serialize("w", spec, dummy, dummy, offset if spec.double_quant else None, *nested)
+    return int(out[f"w{STATE_MARKER}{spec.quant_type}"].numel())
+
+
 def quantize(
     weight: torch.Tensor,
     spec: QuantSpec,

@@ -132,6 +132,8 @@ def extract_lora(
 
     Raises:
         IncompatibleAdapters: the checkpoints do not have the same tensors and shapes.
+        UnsupportedArchitecture: transformers cannot build the model class ``config.json`` names, so the
+            layer kinds (Linear, Conv1D, Embedding) are unknown.
     """
     if rank is None and energy is None:
         raise UsageError("give --rank K or --energy F (or both)")
@@ -145,7 +147,9 @@ def extract_lora(
         raise IncompatibleAdapters(
             f"the checkpoints hold different tensors (e.g. {diff[0]}); extract needs the same architecture"
         )
-    layouts, head = weight_layouts(cb)
+    layers = weight_layouts(cb)
+    layers.require_known("extract")  # a Conv1D weight's delta is transposed: never guessed from names
+    layouts, head = layers.kinds, layers.head_key
     report = ExtractReport()
     modules: dict[str, LowRank] = {}
     extra: dict[str, torch.Tensor] = {}

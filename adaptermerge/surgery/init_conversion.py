@@ -105,7 +105,7 @@ class _Base:
         if self._layouts is None:
             from adaptermerge.surgery.arch import weight_layouts
 
-            self._layouts = weight_layouts(self.ckpt)[0]
+            self._layouts = dict(weight_layouts(self.ckpt).kinds)
         return self._layouts
 
     def read(self, key: str) -> torch.Tensor:

@@ -143,8 +143,11 @@ def merge_into_base(
         weights, method, rank, energy: how several adapters are combined (see :func:`adaptermerge.combine`);
             ``linear`` is the exact weighted sum, formed per module.
         dtype: convert every floating tensor to ``float32``/``bfloat16``/``float16`` (default: keep).
-        quantize: ``nf4``/``fp4`` to write a 4-bit checkpoint of the merged weights (16-bit bases).
-        dequantize: on a 4-bit base, write a 16-bit checkpoint of ``dequant(W4) + delta``.
+        quantize: ``nf4``/``fp4`` to write a 4-bit checkpoint of the merged weights (16-bit bases): the layers
+            transformers' bitsandbytes integration quantizes for the model class in ``config.json``, exactly as
+            ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` quantizes the merged checkpoint.
+        dequantize: on a 4-bit base, write a 16-bit checkpoint of ``dequant(W4) + delta`` (GPT-2 ``Conv1D``
+            weights in their dense ``in x out`` layout).
         optimize_scales: when (re-)quantizing, choose each block's scale to minimise the error of
             ``W + delta`` (never worse than absmax scaling; about 7% lower error, about 10x slower on CPU).
         device: where the per-module arithmetic runs.
@@ -288,7 +291,8 @@ class _Executor:
         report,
         out_dtype: torch.dtype | None = None,
     ):
-        self.ckpt, self.adapter, self.plan, self.dev = ckpt, adapter, plan, dev
+        # the planned adapter: layouts fixed per layer, a tied head's copy dropped
+        self.ckpt, self.adapter, self.plan, self.dev = ckpt, plan.adapter or adapter, plan, dev
         self.groups, self.specs = groups, specs
         self.quantize, self.dequantize, self.optimize = quantize, dequantize, optimize
         self.report = report
@@ -300,7 +304,8 @@ class _Executor:
         from adaptermerge.surgery import quant
 
         self.quant = quant
-        self.new_quant: dict[str, Any] = {}
+        self.new_quant: dict[str, Any] = {}  # --quantize: source weight key -> quant.NewQuant
+        self.transposed: set[str] = set()  # --dequantize: 4-bit groups written back as Conv1D (in x out)
         self.workspace: dict[tuple, torch.Tensor] = {}
         self.delta_norms: dict[str, float] = {}
         self.read_buf: bytearray | None = None

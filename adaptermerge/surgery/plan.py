@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from adaptermerge.adapter import Adapter
-from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint
+from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, UnsupportedArchitecture
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
@@ -63,6 +63,7 @@ class MergePlan:
     quantized: dict[str, str] = field(default_factory=dict)  # output weight key -> quant type of touched 4-bit modules
     warnings: list[str] = field(default_factory=list)
     untie: bool = False  # write tie_word_embeddings: false (tied members now differ)
+    adapter: Adapter | None = None  # the adapter as planned: each module's layout is its layer's (see _fix_layouts)
 
     @property
     def total_bytes(self) -> int:
@@ -99,23 +100,56 @@ def _map(name: str, strip: str, add: str) -> str:
     return add + name[len(strip) :] if name.startswith(strip) else name
 
 
-def _fix_layouts(ckpt: Checkpoint, adapter: Adapter) -> Adapter:
-    """PEFT's ``fan_in_fan_out`` is one flag for the whole adapter, but PEFT applies it per layer type (a GPT-2
-    adapter on Conv1D blocks and the Linear ``lm_head``). Take each module's layout from the model's layers."""
-    if not any(m.layout == "conv1d" for m in adapter.modules.values()):
-        return adapter
+def _fix_layouts(ckpt: Checkpoint, adapter: Adapter, keys: dict[str, str], quantized: set[str]) -> Adapter:
+    """Each module's Linear/Conv1D layout from the layer it updates (``keys``: module -> checkpoint weight key).
+
+    PEFT's ``fan_in_fan_out`` is one flag for the whole adapter, but PEFT applies it per layer type (a GPT-2
+    adapter on Conv1D blocks and the Linear ``lm_head``), and it records the type of the last layer it
+    wrapped. A bitsandbytes 4-bit weight is ``out x in`` whatever the dense layer was (transformers transposes
+    ``Conv1D`` weights before quantizing them, and PEFT merges into 4-bit layers with ``fan_in_fan_out`` off),
+    so its delta goes in the Linear layout.
+    """
     from dataclasses import replace
 
-    from adaptermerge.surgery.arch import weight_layouts
-
-    layouts, head = weight_layouts(ckpt)
-    if head is not None:
-        layouts.setdefault(head, "linear")  # a tied head is not stored, but it is an nn.Linear
+    layers = None
     fixed = {}
     for n, m in adapter.modules.items():
-        kind = next((v for k, v in layouts.items() if k == n + ".weight" or k.endswith("." + n + ".weight")), None)
-        fixed[n] = replace(m, layout="linear") if m.layout == "conv1d" and kind == "linear" else m
+        key = keys[n]
+        if m.layout == "embedding":
+            layout = m.layout
+        elif key in quantized:
+            layout = "linear"
+        else:
+            if layers is None:
+                from adaptermerge.surgery.arch import weight_layouts
+
+                layers = weight_layouts(ckpt)
+            layout = _dense_layout(ckpt, key, m, layers)
+        fixed[n] = m if layout == m.layout else replace(m, layout=layout)
     return replace(adapter, modules=fixed)
+
+
+def _dense_layout(ckpt: Checkpoint, key: str, lr, layers) -> str:
+    """The model's layer type; for a layer the model class does not tell (custom code), the stored shape when it
+    is not square, else PEFT's record (``fan_in_fan_out`` off: that adapter wrapped nn.Linear layers)."""
+    kind = layers.kind(key)
+    if kind in ("linear", "conv1d"):
+        return kind
+    if key == layers.head_key:  # a tied head is not stored, but it is an nn.Linear
+        return "linear"
+    if key not in ckpt.weight_map:
+        return lr.layout  # refused by the planner's shape check
+    shape = tuple(ckpt.info(key).shape)
+    out, inn = lr.shape
+    if out != inn and shape in ((out, inn), (inn, out)):
+        return "linear" if shape == (out, inn) else "conv1d"
+    if lr.layout == "linear" or shape != (out, inn):  # a wrong shape is refused by the planner's check
+        return lr.layout
+    raise UnsupportedArchitecture(
+        f"cannot tell whether {key} is a Conv1D or a Linear layer: its weight is square, the adapter's "
+        f"fan_in_fan_out is recorded once per adapter, not per layer, and {layers.source}; use a checkpoint whose "
+        "config.json names a transformers class"
+    )
 
 
 @dataclass
@@ -230,7 +264,6 @@ def plan_merge(
     keys = set(ckpt.weight_map)
     groups = quantized_members or {}
     ties = _Ties.of(ckpt)
-    adapter = _fix_layouts(ckpt, adapter)
     pm = choose_prefix_map(adapter.modules, keys | set(ties.alias))
     if pm is None:
         missing = next(n for n in adapter.modules if f"{n}.weight" not in keys)
@@ -239,6 +272,7 @@ def plan_merge(
             f"without a model prefix); the adapter was made for another architecture than {ckpt.path}"
         )
     strip, add = pm
+    adapter = _fix_layouts(ckpt, adapter, {m: _map(m, strip, add) + ".weight" for m in adapter.modules}, set(groups))
     extras = _extra_keys(adapter, strip, add)
     rename = ("", "")
     if strip and any(n not in keys and n not in ties.alias for n in extras):
@@ -260,7 +294,7 @@ def plan_merge(
         )
     modules = {m: rename[1] + k for m, k in modules.items()}
     quantized = {rename[1] + k: v for k, v in quantized.items()}
-    return MergePlan(shards, modules, rename, quantized, warnings, untie)
+    return MergePlan(shards, modules, rename, quantized, warnings, untie, adapter)
 
 
 def _extra_keys(adapter: Adapter, strip: str, add: str) -> dict[str, str]:
