@@ -28,12 +28,14 @@ from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.extract import extract_lora, save_extracted
 from adaptermerge.surgery.merge import MergeReport, merge_into_base
 from adaptermerge.surgery.resize import resize_adapter
+from adaptermerge.validation import Check, ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "AdapterMergeError",
+    "Check",
     "IncompatibleAdapters",
     "InvalidAdapter",
     "InvalidCheckpoint",
@@ -44,6 +46,7 @@ __all__ = [
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UsageError",
+    "ValidationReport",
     "__version__",
     "combine",
     "describe",
@@ -54,4 +57,5 @@ __all__ = [
     "resize_adapter",
     "save_combined",
     "save_extracted",
+    "validate",
 ]
