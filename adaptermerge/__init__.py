@@ -17,10 +17,13 @@ from adaptermerge.errors import (
     InvalidCheckpoint,
     NumericalError,
     OutputExistsError,
+    PublishError,
     UnsafeFormat,
     UnsupportedAdapter,
     UsageError,
+    ValidationFailed,
 )
+from adaptermerge.hub import PushResult, push
 from adaptermerge.inspection import describe
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.checkpoint import open_checkpoint
@@ -43,9 +46,12 @@ __all__ = [
     "MergeReport",
     "NumericalError",
     "OutputExistsError",
+    "PublishError",
+    "PushResult",
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UsageError",
+    "ValidationFailed",
     "ValidationReport",
     "__version__",
     "combine",
@@ -54,6 +60,7 @@ __all__ = [
     "load_adapter",
     "merge_into_base",
     "open_checkpoint",
+    "push",
     "resize_adapter",
     "save_combined",
     "save_extracted",

@@ -75,10 +75,12 @@ def open_base(path: Path) -> tuple[Check, Base | None]:
 
 def check_against_base(adapter: Adapter, base: Base, subject: str) -> list[Check]:
     """base.modules, base.targets, base.identity and base.vocab for one adapter."""
-    checks = [_modules(adapter, base), _targets(adapter, base), _identity(adapter, base), _vocab(adapter, base)]
+    modules = _modules(adapter, base)
+    targets = [_targets(adapter, base)] if modules.status == "pass" else []  # no layer map to compare against
+    checks = [modules, *targets, _identity(adapter, base), _vocab(adapter, base)]
     for c in checks:
         c.subject = subject
-    return [c for c in checks if c is not None]
+    return checks
 
 
 def _modules(adapter: Adapter, base: Base) -> Check:

@@ -30,6 +30,7 @@ from adaptermerge.validation.report import Check
 DENSITY = 0.2  # top fraction of entries compared for sign conflicts (TIES' default density)
 MAX_ENTRIES = 1 << 22  # modules with more entries are sampled
 OPPOSED = -0.3  # mean cosine below this is a warning: a linear merge cancels the adapters
+CONFLICTED = 0.6  # sign conflicts above this (unrelated deltas give about 0.5) suggest TIES
 DOMINANT = 3.0  # an adapter whose weighted delta norm is this many times another's dominates a merge
 
 
@@ -143,7 +144,11 @@ def check_interference(
     reading, status, hint = _reading(mean_cos, rate, sizes, names)
     msg = (
         f"{len(per)} shared modules: mean cosine {mean_cos:+.3f}"
-        + (f", sign conflicts in {rate:.0%} of the shared top-{density:.0%} entries" if rate is not None else "")
+        + (
+            f", sign conflicts in {rate:.0%} of the shared top-{density:.0%} entries (unrelated deltas: about 50%)"
+            if rate is not None
+            else ""
+        )
         + (" (sampled in large modules)" if sampled_any else "")
         + f"; {reading}"
     )
@@ -168,8 +173,8 @@ def _reading(
         hint = None
     else:
         reading, status, hint = "partly overlapping updates", "pass", None
-    if rate is not None and rate > 0.4 and status == "pass":
-        reading += "; frequent sign conflicts among the largest entries favour TIES-style sign election"
+    if rate is not None and rate > CONFLICTED and status == "pass":
+        reading += "; sign conflicts above the level of unrelated deltas favour TIES-style sign election"
     big, small = max(sizes), min(sizes)
     if small > 0 and big / small > DOMINANT:
         i = sizes.index(big)
