@@ -181,8 +181,11 @@ def _vllm_rank(adapter: Adapter) -> list[Finding]:
                 "(adaptermerge merge) and serve the merged checkpoint",
             )
         ]
-    start = "the default" if best == VLLM_DEFAULT_MAX_LORA_RANK else f"--max-lora-rank {best}"
-    return [Finding("vllm_rank", "note", f"largest rank {top}: start vLLM with {start} (max_lora_rank={best})")]
+    if top <= VLLM_DEFAULT_MAX_LORA_RANK:
+        msg = f"largest rank {top}: vLLM's default max_lora_rank ({VLLM_DEFAULT_MAX_LORA_RANK}) covers it"
+    else:
+        msg = f"largest rank {top}: start vLLM with --max-lora-rank {best}"
+    return [Finding("vllm_rank", "note", msg)]
 
 
 def _vllm_features(adapter: Adapter) -> list[Finding]:
