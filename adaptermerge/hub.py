@@ -215,7 +215,7 @@ def _upload(folder: Path, result: PushResult, token: str, endpoint: str | None, 
 
     if constants.HF_HUB_OFFLINE:
         raise PublishError("HF_HUB_OFFLINE is set: huggingface_hub makes no network calls; unset it to push")
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
     repo = api.create_repo(result.repo_id, private=result.private, exist_ok=True, repo_type="model")
     if result.revision and result.revision != constants.DEFAULT_REVISION:
         api.create_branch(result.repo_id, branch=result.revision, exist_ok=True)
@@ -231,12 +231,19 @@ def _upload(folder: Path, result: PushResult, token: str, endpoint: str | None, 
     result.commit_oid = info.oid
 
 
+def hub_endpoint(endpoint: str | None) -> str:
+    """The Hub's URL: the argument, else ``HF_ENDPOINT`` as it is now (huggingface_hub reads it once, at import),
+    else huggingface.co."""
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
 def _describe(e: Exception, endpoint: str | None) -> str:
     """One line for a failed upload: what went wrong and what to do."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    where = endpoint or constants.ENDPOINT
+    where = hub_endpoint(endpoint)
     if isinstance(e, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set: huggingface_hub makes no network calls; unset it to push"
     if isinstance(e, HfHubHTTPError) and e.response is not None:
