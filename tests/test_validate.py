@@ -348,8 +348,10 @@ def test_faithful_merges_pass(work: Path, merged: str, base: str) -> None:
     assert f["max_rel_logit_error"] < f["tolerance"] == (1e-4 if base == "base" else 5e-2)
     w = r.check("faithfulness.weights").figures
     assert w["tensors"] == 30 and (w["worst"] is None or w["worst"]["error"] <= w["worst"]["allowed"])
-    for name in ("checkpoint.tensors", "checkpoint.finite", "checkpoint.loads"):
+    for name in ("checkpoint.tensors", "checkpoint.finite", "checkpoint.loads", "base.identity"):
         assert status(r, name) == "pass"
+    other = adaptermerge.validate(work / merged, base=work / ("base16" if base == "base" else "base"))
+    assert status(other, "base.identity") == "warn" and "config.json" in other.check("base.identity").message
 
 
 def test_peft_merge_and_unload_checkpoint_passes(work: Path, tmp_path: Path) -> None:

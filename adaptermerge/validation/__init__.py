@@ -162,6 +162,7 @@ def _checkpoint(report, p: Path, base, folders, weights, probe, tolerance, targe
     from adaptermerge.validation.checkpoint_checks import (
         check_finite,
         check_loads,
+        check_recipe_base,
         check_tensors,
         merge_recipe_of,
         open_checkpoint_check,
@@ -175,6 +176,8 @@ def _checkpoint(report, p: Path, base, folders, weights, probe, tolerance, targe
     recipe = merge_recipe_of(p)
     if base is None and not folders and recipe is not None:
         base, folders, weights = _from_recipe(report, p, recipe, weights)
+    elif base is not None and recipe is not None:
+        report.add(check_recipe_base(recipe, base))
     if folders and base is None:
         raise UsageError("--adapter with a checkpoint needs --base (the checkpoint they were merged into)")
     if base is not None:

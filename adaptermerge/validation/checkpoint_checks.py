@@ -156,3 +156,24 @@ def check_loads(ck: Base, target: str) -> Check:
     if unexpected:
         return Check(name, "warn", f"transformers ignores {len(unexpected)} tensors (first: {sorted(unexpected)[0]})", figures)  # fmt: skip
     return Check(name, "pass", "transformers loads it with no missing or unexpected weights", figures)
+
+
+def check_recipe_base(recipe: dict[str, Any], base: Base) -> Check:
+    """base.identity for a merged checkpoint: the base files' SHA-256 in its recipe against the base given."""
+    from adaptermerge.io.adapter import file_sha256
+
+    recorded = recipe.get("base_sha256") or {}
+    now = {f: file_sha256(base.path / f) for f in recorded if (base.path / f).is_file()}
+    figures = {"recorded": recorded, "given": now, "recipe_base": recipe.get("base")}
+    if not recorded:
+        return Check(
+            "base.identity", "warn", "the merge recipe records no base hashes", figures, subject=str(base.path)
+        )
+    differ = sorted(f for f in recorded if now.get(f) != recorded[f])
+    if differ:
+        return Check(
+            "base.identity", "warn",
+            f"{', '.join(differ)} of the base given differ from the base the recipe records ({recipe.get('base')})",
+            figures, hint="validate against the base it was merged into", subject=str(base.path),
+        )  # fmt: skip
+    return Check("base.identity", "pass", f"{', '.join(sorted(recorded))} match the recipe's base (SHA-256)", figures, subject=str(base.path))  # fmt: skip
