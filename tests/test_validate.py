@@ -290,9 +290,13 @@ def test_adapters_from_different_bases_are_not_combinable(work: Path, tmp_path: 
     assert c.status == "fail" and "--allow-different-base" in c.hint and r.check("combine.interference") is None
 
 
-def test_weights_count_is_a_usage_error(work: Path) -> None:
+def test_weights_count_and_misplaced_options_are_usage_errors(work: Path) -> None:
     with pytest.raises(UsageError):
         adaptermerge.validate(work / "a", adapters=[work / "b"], weights=[1.0])
+    with pytest.raises(UsageError, match="--tolerance"):
+        adaptermerge.validate(work / "a", tolerance=0.1)
+    with pytest.raises(UsageError, match="--for"):
+        adaptermerge.validate(work / "a", target="tgi")
     res = CliRunner().invoke(cli, ["validate", str(work / "a"), "--adapter", str(work / "b"), "--weights", "1"])
     assert res.exit_code == 2 and res.stderr.startswith("error:")
 
@@ -411,6 +415,20 @@ def test_weighted_merge_of_two_adapters(work: Path, tmp_path: Path) -> None:
         tmp_path / "ab", base=work / "base", adapters=[work / "a", work / "b"], weights=[0.3, 0.7]
     )
     assert status(r, "faithfulness.weights") == "fail"
+
+
+def test_merging_into_a_tied_embedding_changes_the_model(tmp_path: Path) -> None:
+    def tied(seed: int = 0):
+        return tiny_llama(seed, tie=True)
+
+    tied().save_pretrained(tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tied, r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    adaptermerge.merge_into_base(tmp_path / "base", a, tmp_path / "merged")
+    r = adaptermerge.validate(tmp_path / "merged")
+    # the tensors are PEFT's merge_and_unload, but the tied head now carries the embedding delta: the logits
+    # are not those of the adapter run unmerged, and the report says why
+    assert status(r, "faithfulness.weights") == "pass" and status(r, "faithfulness.logits") == "fail"
+    assert "tied" in r.check("faithfulness.logits").hint
 
 
 def test_probe_file(work: Path, tmp_path: Path) -> None:

@@ -88,6 +88,11 @@ def validate(
         check, base_obj = open_base(Path(base))
         report.add(check)
     dtype = getattr(torch, compute_dtype)
+    if (probe is not None or tolerance is not None) and (report.kind == "adapter" or not (folders or _has_recipe(p))):
+        raise UsageError(
+            "--probe and --tolerance apply to the faithfulness of a merged checkpoint: give the checkpoint with "
+            "--base and --adapter (or one with its merge recipe)"
+        )
     if report.kind == "adapter":
         _adapters(report, [p, *folders], base_obj, weights, target)
     else:
@@ -121,6 +126,12 @@ def _kind(p: Path) -> str:
     if p.is_dir() and any((p / f).exists() for f in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)):
         return "adapter"
     return "checkpoint" if is_checkpoint(p) else "unknown"
+
+
+def _has_recipe(p: Path) -> bool:
+    from adaptermerge.validation.checkpoint_checks import merge_recipe_of
+
+    return merge_recipe_of(p) is not None
 
 
 def _why_unknown(p: Path) -> str:

@@ -307,10 +307,21 @@ def check_faithfulness(
     figures = {**compare(ref_logits, got), **common}
     if base_logits is not None:
         figures.update(drift_figures(base_logits, ref_logits, got))
-    checks = [_loads_check(info), _verdict(figures, merged, tolerance, method)]
+    logits = _verdict(figures, merged, tolerance, method)
+    checks = [_loads_check(info), logits]
     if weight_figures is not None:
-        checks.append(_weights_verdict(weight_figures))
+        weights_check = _weights_verdict(weight_figures)
+        checks.append(weights_check)
+        if logits.status == "fail" and weights_check.status == "pass":
+            logits.hint = MERGE_CHANGES_MEANING
     return checks
+
+
+MERGE_CHANGES_MEANING = (
+    "the merged weights are exactly PEFT's own merge of these inputs, so merging itself changes what the adapters "
+    "compute: e.g. an embedding LoRA merged into an embedding the output head is tied to (the head changes too, "
+    "unmerged it does not); serve the adapter unmerged, or untie the head (tie_word_embeddings=False) before merging"
+)
 
 
 def _reference_logits(
