@@ -295,8 +295,11 @@ def check_faithfulness(
                 hint="check that the adapters load on this base with PEFT",
             )
         ]  # fmt: skip
-    model, info = load_model(merged, compute_dtype, cls)
-    got = run(model, probes)
+    try:
+        model, info = load_model(merged, compute_dtype, cls)
+        got = run(model, probes)
+    except Exception as e:  # noqa: BLE001 - an unloadable checkpoint is a failed check, not a traceback
+        return [Check("checkpoint.loads", "fail", f"transformers cannot load or run it: {' '.join(str(e).split())[:300]}")]  # fmt: skip
     del model
     gc.collect()
     common = {
