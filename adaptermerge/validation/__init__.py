@@ -59,7 +59,7 @@ def validate(
         probe: JSONL file of probe prompts (``{"text"}``, ``{"prompt"}`` or ``{"input_ids"}`` per line);
             default: deterministic random token ids.
         tolerance: largest accepted relative logit error of a merged checkpoint; default by stored dtype
-            (1e-4 fp32, 2e-2 bf16, 5e-3 fp16); 4-bit merges get a drift warning instead unless given.
+            (1e-4 fp32, 1e-2 fp16, 5e-2 bf16); 4-bit merges get a drift warning instead unless given.
         target: ``vllm``, ``peft`` or ``transformers``: also check what that serving target accepts.
         compute_dtype: dtype both models run in for the faithfulness check (``float32`` or ``float64``).
         write_card: add the validation summary to ``path``'s README.md (written in one rename).

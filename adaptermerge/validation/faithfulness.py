@@ -17,7 +17,12 @@ transformers loads is replaced by an ``nn.Linear`` holding ``dequant(W4)`` compu
 definition (:func:`adaptermerge.io.bnb4.dequantize`). bitsandbytes' CPU kernels are not used: on CPUs with
 AVX512-BF16, bitsandbytes 0.50 repacks ``Linear4bit`` into a kernel that multiplies in bf16 (and fails when
 ``in_features`` is not a multiple of 64), so a comparison through it would measure the kernel. The reference for
-a 4-bit merge is the QLoRA model: dequantized 4-bit base + adapters unmerged.
+a 4-bit merge is the QLoRA model: dequantized 4-bit base + adapters unmerged; its drift is measured against
+how far the adapters move the logits.
+
+Logits cannot tell a small change of one weight from bf16 rounding, and see only what the probes exercise. For
+exact merges (dense, linear/cat), every tensor is therefore also compared with PEFT's ``merge_and_unload`` of
+the same reference model, rounded to the dtype the checkpoint stores it in (``faithfulness.weights``).
 """
 
 from __future__ import annotations
