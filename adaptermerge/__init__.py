@@ -17,10 +17,12 @@ from adaptermerge.errors import (
     InvalidCheckpoint,
     NumericalError,
     OutputExistsError,
+    PublishError,
     UnsafeFormat,
     UnsupportedAdapter,
     UnsupportedArchitecture,
     UsageError,
+    ValidationFailed,
 )
 
 # Public names -> the module that defines them. They are imported on first use (PEP 562), so that
@@ -39,11 +41,17 @@ _LAZY = {
     "merge_into_base": "adaptermerge.surgery.merge",
     "resize_adapter": "adaptermerge.surgery.resize",
     "convert_to_plain_lora": "adaptermerge.surgery.init_conversion",
+    "PushResult": "adaptermerge.hub",
+    "push": "adaptermerge.hub",
+    "Check": "adaptermerge.validation",
+    "ValidationReport": "adaptermerge.validation",
+    "validate": "adaptermerge.validation",
 }
 
 if TYPE_CHECKING:
     from adaptermerge.adapter import Adapter
     from adaptermerge.combination import combine, save_combined
+    from adaptermerge.hub import PushResult, push
     from adaptermerge.inspection import describe
     from adaptermerge.io.adapter import load_adapter
     from adaptermerge.io.checkpoint import open_checkpoint
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
     from adaptermerge.surgery.init_conversion import convert_to_plain_lora
     from adaptermerge.surgery.merge import MergeReport, merge_into_base
     from adaptermerge.surgery.resize import resize_adapter
+    from adaptermerge.validation import Check, ValidationReport, validate
 
 
 def __getattr__(name: str):
@@ -74,6 +83,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterMergeError",
+    "Check",
     "IncompatibleAdapters",
     "InvalidAdapter",
     "InvalidCheckpoint",
@@ -81,10 +91,14 @@ __all__ = [
     "MergeReport",
     "NumericalError",
     "OutputExistsError",
+    "PublishError",
+    "PushResult",
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UnsupportedArchitecture",
     "UsageError",
+    "ValidationFailed",
+    "ValidationReport",
     "__version__",
     "combine",
     "convert_to_plain_lora",
@@ -93,7 +107,9 @@ __all__ = [
     "load_adapter",
     "merge_into_base",
     "open_checkpoint",
+    "push",
     "resize_adapter",
     "save_combined",
     "save_extracted",
+    "validate",
 ]

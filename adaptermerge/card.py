@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from adaptermerge.adapter import Adapter
 from adaptermerge.methods.registry import get_method
+from adaptermerge.outputs import base_model_text, card_metadata, front_matter, inputs_table
 from adaptermerge.recipe import RECIPE_NAME
 
 
@@ -16,18 +15,15 @@ def combine_card(result: Adapter, recipe: dict[str, Any]) -> str:
     from adaptermerge import __version__
 
     spec = get_method(result.provenance["method"])
-    meta: dict[str, Any] = {"library_name": "peft", "tags": ["adaptermerge", "lora", "merge", spec.name]}
-    if result.base_model:
-        meta["base_model"] = result.base_model
+    operation = result.provenance.get("operation", "merge")  # resize_adapter marks its results "resize"
+    meta = card_metadata("peft", ["lora", operation, spec.name], result.base_model)
     reports = result.provenance.get("modules", [])
     ranks = sorted({r["rank"] for r in reports})
     worst = min((r["kept_energy"] for r in reports), default=1.0)
+    title = "Resized LoRA adapter" if operation == "resize" else "Merged LoRA adapter"
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# Merged LoRA adapter ({spec.name})",
+        front_matter(meta),
+        f"# {title} ({spec.name})",
         "",
         f"Made with adaptermerge {__version__}: **{spec.name}** — {spec.title}.",
         "",
@@ -36,16 +32,11 @@ def combine_card(result: Adapter, recipe: dict[str, Any]) -> str:
     if spec.paper:
         lines.append(f"- Reference: {spec.paper}" + (f" ({spec.url})" if spec.url else ""))
     lines += [
-        f"- Base model: {result.base_model or '(not recorded)'}",
+        f"- Base model: {base_model_text(result.base_model)}",
         f"- Output ranks: {', '.join(map(str, ranks))}; lowest kept energy {worst:.6f}",
         *(f"- Trained token rows of `{n}`: {len(t.indices)} ids (exact)" for n, t in result.token_rows.items()),
         "",
-        "| input adapter | weight |",
-        "|---|---|",
-    ]
-    for m in recipe["models"]:
-        lines.append(f"| `{m['model']}` | {m['parameters']['weight']:g} |")
-    lines += [
+        *inputs_table([(m["model"], m["parameters"]["weight"]) for m in recipe["models"]], "input adapter"),
         "",
         "## Reproduce",
         "",

@@ -50,3 +50,11 @@ class UnsupportedArchitecture(AdapterMergeError):
 
 class NumericalError(AdapterMergeError):
     """A computation produced NaN/Inf or lost what it was meant to keep."""
+
+
+class ValidationFailed(AdapterMergeError):
+    """``validate`` found a failing check where a valid folder was required (``push --require-valid``)."""
+
+
+class PublishError(AdapterMergeError):
+    """Publishing to the Hub failed: no token, refused token, no network, or the Hub refused the upload."""

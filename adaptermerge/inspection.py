@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -10,43 +9,22 @@ from typing import Any
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.errors import InvalidAdapter
+from adaptermerge.guidelines import anti_patterns, serving_findings
 from adaptermerge.io.adapter import WEIGHTS_NAME, load_adapter, module_scaling
 from adaptermerge.io.checkpoint import Checkpoint, is_checkpoint, open_checkpoint
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 
 def adapter_warnings(adapter: Adapter) -> list[str]:
-    """Unusual or risky properties, including the anti-patterns of the LoRA guidelines."""
+    """Unusual or risky properties: the guidelines' anti-patterns and what vLLM would refuse or ignore.
+
+    The rules and their thresholds live in :mod:`adaptermerge.guidelines` (``validate`` reports the same
+    findings as checks).
+    """
     w = list(adapter.warnings)
-    cfg = adapter.config
-    ranks = [m.rank for m in adapter.modules.values()]
-    if cfg:
-        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
-            ratio = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-            if ratio > 4:
-                w.append(
-                    f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training unstable (alpha = r or 2r is usual)"
-                )
-            if ratio < 0.25:
-                w.append(f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha")
-    if ranks and max(ranks) > 64:
-        w.append(f"rank {max(ranks)} is high: rarely needed above 64, risks overfitting and slows serving")
-    if ranks and max(ranks) < 4:
-        w.append(f"rank {max(ranks)} is very low: the adapter may be too weak for its task")
-    if ranks and max(ranks) > 512:
-        w.append(f"rank {max(ranks)} exceeds vLLM's largest max_lora_rank (512)")
+    w += [f.message for f in anti_patterns(adapter)]
     if adapter.uses_dora:
         w.append("DoRA adapter: cannot be combined linearly; some serving engines do not support it")
-    if adapter.modules_to_save:
-        w.append(f"modules_to_save {adapter.modules_to_save}: full module copies; vLLM refuses such adapters")
-    if adapter.uses_bias or (cfg.get("bias", "none") not in (None, "none")):
-        w.append("adapter trains biases; vLLM refuses bias != 'none' and lora_bias")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        w.append(
-            "rank_pattern/alpha_pattern are set; vLLM ignores them (re-save with adaptermerge to fold the scaling)"
-        )
+    w += [f.message for f in serving_findings(adapter, "vllm") if f.level == "fail" and f.code != "vllm_dora"]
     return w
 
 

@@ -13,6 +13,7 @@ from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import file_sha256
 from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptermerge.outputs import base_model_text, card_metadata, front_matter, inputs_table
 from adaptermerge.recipe import input_hashes
 
 
@@ -92,26 +93,21 @@ def merge_card(ckpt: Checkpoint, adapter: Adapter, report: Any, recipe: dict[str
     """README.md for a merged checkpoint."""
     from adaptermerge import __version__
 
-    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["adaptermerge", "merge", "lora"]}
-    if adapter.base_model:
-        meta["base_model"] = adapter.base_model
+    tags = ["merge", "lora", recipe["merge_method"]]
     if recipe["parameters"].get("quantize") or ckpt.bnb_4bit_modules():
-        meta["tags"].append("4-bit")
+        tags.append("4-bit")
+    weights = [(m["model"], m["parameters"]["weight"]) for m in recipe["models"]]
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
-        "---",
-        "",
+        front_matter(card_metadata("transformers", tags, adapter.base_model)),
         "# Merged model",
         "",
         f"LoRA adapter(s) folded into `{recipe['base']}` with adaptermerge {__version__} "
         f"(method `{recipe['merge_method']}`). Load it with `AutoModelForCausalLM.from_pretrained` like the base.",
         "",
-        "| adapter | weight |",
-        "|---|---|",
+        f"- Base model: {base_model_text(adapter.base_model)}",
+        "",
+        *inputs_table(weights, "adapter"),
     ]
-    for m in recipe["models"]:
-        lines.append(f"| `{m['model']}` | {m['parameters']['weight']:g} |")
     q = [m for m in report.modules if m.requant_rel_error is not None]
     lines += ["", f"- Modules merged: {len(report.modules)}"]
     if q:

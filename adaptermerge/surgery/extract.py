@@ -290,6 +290,7 @@ def save_extracted(adapter: Adapter, report: ExtractReport, out: str | os.PathLi
     from adaptermerge import __version__
     from adaptermerge.io.adapter import save_adapter
     from adaptermerge.io.atomic import check_output_path
+    from adaptermerge.outputs import base_model_text, card_metadata, front_matter
 
     prov = adapter.provenance
     check_output_path(out, [prov["base"], prov["tuned"]], overwrite=overwrite)
@@ -302,20 +303,15 @@ def save_extracted(adapter: Adapter, report: ExtractReport, out: str | os.PathLi
     }
     ranks = sorted({m.rank for m in report.modules})
     worst = min((m.kept_energy for m in report.modules), default=1.0)
-    meta = {"library_name": "peft", "tags": ["adaptermerge", "lora", "extracted"]}
-    if adapter.base_model and not Path(adapter.base_model).is_absolute():
-        meta["base_model"] = adapter.base_model
+    meta = card_metadata("peft", ["lora", "extract", "extracted"], adapter.base_model)
     card = "\n".join(
         [
-            "---",
-            yaml.safe_dump(meta, sort_keys=False).strip(),
-            "---",
-            "",
+            front_matter(meta),
             "# LoRA adapter extracted from a fine-tuned checkpoint",
             "",
             f"Made with adaptermerge {__version__}: truncated SVD of `tuned - base` per layer.",
             "",
-            f"- Base: `{prov['base']}`",
+            f"- Base: `{prov['base']}` ({base_model_text(adapter.base_model)})",
             f"- Fine-tuned: `{prov['tuned']}`",
             f"- Ranks: {ranks}; lowest kept energy {worst:.4f}",
             f"- modules_to_save: {adapter.modules_to_save or 'none'}",

@@ -33,6 +33,8 @@ def resize_adapter(
     """
     if rank is None and energy is None:
         raise UsageError("give --rank K or --energy F (or both)")
-    return combine(
+    result = combine(
         [adapter], [1.0], method="svd", rank=rank, energy=energy, device=device, dtype=dtype, progress=progress
     )
+    result.provenance["operation"] = "resize"  # the card says so; the recipe replays it as a one-input svd combine
+    return result
