@@ -16,6 +16,27 @@ from adaptermerge.io.checkpoint import Checkpoint, is_checkpoint, open_checkpoin
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def scaling_warnings(r: float, alpha: float, use_rslora: bool = False) -> list[str]:
+    """The LoRA guidelines' alpha/r anti-patterns (shared by ``inspect`` and ``train``)."""
+    ratio = alpha / (math.sqrt(r) if use_rslora else r)
+    if ratio > 4:
+        return [
+            f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training unstable (alpha = r or 2r is usual)"
+        ]
+    if ratio < 0.25:
+        return [f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha"]
+    return []
+
+
+def rank_warnings(rank: int) -> list[str]:
+    """The LoRA guidelines' rank anti-patterns (shared by ``inspect`` and ``train``)."""
+    if rank > 64:
+        return [f"rank {rank} is high: rarely needed above 64, risks overfitting and slows serving"]
+    if rank < 4:
+        return [f"rank {rank} is very low: the adapter may be too weak for its task"]
+    return []
+
+
 def adapter_warnings(adapter: Adapter) -> list[str]:
     """Unusual or risky properties, including the anti-patterns of the LoRA guidelines."""
     w = list(adapter.warnings)
@@ -24,17 +45,9 @@ def adapter_warnings(adapter: Adapter) -> list[str]:
     if cfg:
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
-            ratio = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-            if ratio > 4:
-                w.append(
-                    f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training unstable (alpha = r or 2r is usual)"
-                )
-            if ratio < 0.25:
-                w.append(f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha")
-    if ranks and max(ranks) > 64:
-        w.append(f"rank {max(ranks)} is high: rarely needed above 64, risks overfitting and slows serving")
-    if ranks and max(ranks) < 4:
-        w.append(f"rank {max(ranks)} is very low: the adapter may be too weak for its task")
+            w += scaling_warnings(r, alpha, bool(cfg.get("use_rslora")))
+    if ranks:
+        w += rank_warnings(max(ranks))
     if ranks and max(ranks) > 512:
         w.append(f"rank {max(ranks)} exceeds vLLM's largest max_lora_rank (512)")
     if adapter.uses_dora:

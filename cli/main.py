@@ -155,7 +155,7 @@ def cli(debug: bool, threads: int | None) -> None:
 
 
 def _register() -> None:
-    from adaptermerge_cli import commands, surgery_commands  # noqa: F401  (registers subcommands)
+    from adaptermerge_cli import commands, surgery_commands, train_commands  # noqa: F401  (registers subcommands)
 
 
 def main() -> None:
