@@ -72,15 +72,28 @@ def run_demo(
     overwrite: bool = False,
     echo: Callable[[str], None] = click.echo,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` (default ``./adaptermerge-demo``); returns the report and the output paths.
+
+    ``threads``: torch CPU threads (default 1: the demo's model is so small that a second thread gains little,
+    and on a machine whose cores are busy, threads waiting at OpenMP barriers make it several times slower).
 
     Raises:
         OutputExistsError: ``out`` is not empty (and, with ``overwrite``, is not an earlier demo folder).
     """
+    from adaptermerge.surgery.merge import torch_threads
+
     _quiet_libraries()
     s = FAST if fast else FULL
     root = _prepare(Path(out or DEFAULT_DIR), overwrite, s)
+    import torch
+
+    with torch_threads(threads or torch.get_num_threads()):
+        return _run(root, s, echo, progress)
+
+
+def _run(root: Path, s: DemoSettings, echo: Callable[[str], None], progress: bool) -> dict[str, Any]:
     clock = _Clock(echo)
     base = _teach_base(root, s, clock)
     adapters = _train_adapters(root, base, s, clock, progress)
@@ -132,8 +145,13 @@ def _task_rows(task: str, n: int, seed: int) -> list[dict[str, str]]:
     return make_examples(task, n, seed=seed)
 
 
-def _teach_base(root: Path, s: DemoSettings, clock: _Clock) -> Path:
-    """Full training of a fresh tiny Llama on copying words plus a little of each task format."""
+def teach_base(root: Path, s: DemoSettings = FAST) -> tuple[Path, float]:
+    """Full training of a fresh tiny Llama on copying words plus a little of each task format.
+
+    Writes ``root/data/base-mix.jsonl`` and the base (model and tokenizer) to ``root/base``; returns the base
+    folder and the final training loss. A random base cannot be adapted (its output head is random and
+    near zero, so its logits stay near uniform whatever the LoRA layers do); a taught one can.
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -162,12 +180,16 @@ def _teach_base(root: Path, s: DemoSettings, clock: _Clock) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     shutil.rmtree(root / ".base-run", ignore_errors=True)
-    loss = next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h)
+    return root / "base", next(h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h)
+
+
+def _teach_base(root: Path, s: DemoSettings, clock: _Clock) -> Path:
+    base, loss = teach_base(root, s)
     clock.done(
         "base",
         f"[1/5] base: Llama hidden {s.hidden}, {s.layers} layers, {s.base_steps} full-training steps, loss {loss:.3f} -> {root / 'base'}",
     )
-    return root / "base"
+    return base
 
 
 def _train_adapters(root: Path, base: Path, s: DemoSettings, clock: _Clock, progress: bool) -> dict[str, Path]:
@@ -196,24 +218,23 @@ def _train_adapters(root: Path, base: Path, s: DemoSettings, clock: _Clock, prog
 
 
 def _combine_all(root: Path, adapters: dict[str, Path], clock: _Clock) -> tuple[dict[str, Path], dict[str, str]]:
-    """Every data-free registry method on the adapters (weights 1 each: the tasks' sum), or why it refused."""
+    """Every data-free registry method on the adapters (default weights: equal, summing to 1), or why it refused."""
     from adaptermerge.combination import combine, save_combined
     from adaptermerge.methods.registry import method_names
 
     merges: dict[str, Path] = {}
     skipped: dict[str, str] = {}
-    weights = [1.0] * len(adapters)
     for name in method_names():
         params = METHOD_PARAMS.get(name, {})
         label = name + "".join(f"-{k[0]}{v}" for k, v in params.items())
         try:
-            res = combine(list(adapters.values()), weights, method=name, **params)
+            res = combine(list(adapters.values()), method=name, **params)
             merges[label if name != "linear" else "linear"] = save_combined(res, root / "merges" / label)
         except AdapterMergeError as e:  # a method that needs other inputs (data, equal ranks...) says why
             skipped[name] = " ".join(str(e).split())
     clock.done(
         "combine",
-        f"[3/5] combined with {', '.join(merges)} (task weights 1.0 each)"
+        f"[3/5] combined with {', '.join(merges)} (equal weights)"
         + (f"; skipped {', '.join(skipped)}" if skipped else ""),
     )
     return merges, skipped

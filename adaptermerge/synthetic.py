@@ -56,16 +56,21 @@ def char_tokenizer() -> Any:
     return fast
 
 
-def tiny_llama_config(hidden: int = 64, layers: int = 2, vocab_size: int = 128, max_positions: int = 64) -> Any:
+def tiny_llama_config(
+    hidden: int = 64, layers: int = 2, vocab_size: int = 128, max_positions: int = 64, init_range: float = 0.02
+) -> Any:
     """A small ``LlamaConfig`` sized for the character tokenizer.
 
     Widths are multiples of 64 so that bitsandbytes' 4-bit CPU kernels (block size 64) accept every layer.
+    ``init_range`` is the weights' initial standard deviation: with the usual 0.02 an untrained model's logits
+    are almost uniform and no LoRA layer can move them far (the output head is random and tiny); 0.2 makes an
+    untrained base that LoRA adapts within a few dozen steps, which is what the tests need.
     """
     from transformers import LlamaConfig
 
     return LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions, initializer_range=init_range,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
 

@@ -241,7 +241,9 @@ def demo_cmd(output: str, overwrite: bool, fast: bool, quiet: bool) -> None:
     Examples:
       adaptermerge demo
       adaptermerge demo -o ./demo-out --overwrite
+      adaptermerge --threads 2 demo          # torch threads (default for the demo: 1)
     """
     from adaptermerge.demo import run_demo
 
-    run_demo(output, fast=fast, overwrite=overwrite, progress=not quiet)
+    threads = click.get_current_context().find_root().meta.get("adaptermerge.threads")
+    run_demo(output, fast=fast, overwrite=overwrite, progress=not quiet, threads=threads or 1)

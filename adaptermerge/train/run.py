@@ -110,6 +110,10 @@ def train_adapter(
         >>> r.train_loss, r.eval_loss  # doctest: +SKIP
     """
     say = log or (_stderr if is_main_process() else (lambda _m: None))
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     cfg = _settings(config, settings)
     warnings = cfg.check()
     for w in warnings:
@@ -278,6 +282,7 @@ def build_trainer(
 
 def training_arguments(cfg: TrainConfig, ckpt: Path, n_examples: int, has_eval: bool) -> Any:
     """The ``TrainingArguments`` of a run (also used by the benchmark's hand-written twin)."""
+    import torch
     from transformers import TrainingArguments
 
     steps = planned_steps(n_examples, cfg)
@@ -307,6 +312,9 @@ def training_arguments(cfg: TrainConfig, ckpt: Path, n_examples: int, has_eval: 
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        # without a GPU, transformers builds its accelerate state for CPU DDP (gloo) only with use_cpu=True;
+        # otherwise every torchrun process trains alone on all the data ("parallel_mode != DISTRIBUTED")
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -360,6 +368,7 @@ def _save(trainer: Any, out: Path, overwrite: bool, recipe: dict, result: TrainR
         peft_model = acc.unwrap_model(trainer.model)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(tmp, state_dict=state)
+            _sort_target_modules(tmp / "adapter_config.json")
             (tmp / "README.md").write_text(train_card(recipe, result, peft_model), encoding="utf-8")
             write_recipe(tmp / RECIPE_NAME, recipe)
             summary = {
@@ -370,3 +379,14 @@ def _save(trainer: Any, out: Path, overwrite: bool, recipe: dict, result: TrainR
             (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     acc.wait_for_everyone()
     return out
+
+
+def _sort_target_modules(config: Path) -> None:
+    """PEFT resolves ``all-linear`` to a set of module names and saves it in set order, which differs from
+    process to process (string hashing is randomised); sorted, the same run writes the same file."""
+    import json
+
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
