@@ -280,6 +280,10 @@ def evaluate(
     from adaptermerge.combination import resolve_device
 
     dev = str(resolve_device(device))
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     named = parse_named(models)
     for name, path in named:
         if not path.is_dir():
