@@ -21,6 +21,7 @@ from adaptermerge.errors import (
     UnsupportedAdapter,
     UsageError,
 )
+from adaptermerge.evaluate import EvalReport, evaluate
 from adaptermerge.inspection import describe
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.io.checkpoint import open_checkpoint
@@ -28,12 +29,14 @@ from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.extract import extract_lora, save_extracted
 from adaptermerge.surgery.merge import MergeReport, merge_into_base
 from adaptermerge.surgery.resize import resize_adapter
+from adaptermerge.train import TrainConfig, TrainResult, train_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "AdapterMergeError",
+    "EvalReport",
     "IncompatibleAdapters",
     "InvalidAdapter",
     "InvalidCheckpoint",
@@ -41,12 +44,15 @@ __all__ = [
     "MergeReport",
     "NumericalError",
     "OutputExistsError",
+    "TrainConfig",
+    "TrainResult",
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UsageError",
     "__version__",
     "combine",
     "describe",
+    "evaluate",
     "extract_lora",
     "load_adapter",
     "merge_into_base",
@@ -54,4 +60,5 @@ __all__ = [
     "resize_adapter",
     "save_combined",
     "save_extracted",
+    "train_adapter",
 ]
