@@ -123,10 +123,50 @@ def train_adapter(
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out_p.parent / (out_p.name + CHECKPOINT_SUFFIX)
     last = _checkpoint_state(ckpt, resume, overwrite)
 
+    inp = _read_inputs(base, data, eval_data, cfg)  # bad data fails here, before any model is loaded
+    for note in inp.notes:
+        say(f"warning: {note}")
+    warnings += inp.notes
+
+    recipe = train_recipe(base, inp.base, inp.train_rows, inp.eval_rows, cfg)
+    if last is not None:
+        check_resume_recipe(ckpt, recipe)
+    model = _peft_model(inp.base, cfg)
+    trainer = build_trainer(model, inp.tokenizer, inp.train_set, inp.eval_set, cfg, ckpt, progress, callbacks)
+    if is_main_process():
+        if overwrite and last is None:  # old checkpoints go only now that the inputs have been checked
+            shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_recipe(ckpt / RECIPE_NAME, recipe)
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if inp.eval_set is not None else None
+    result = _result(trainer, eval_loss, warnings, inp)
+    result.output = _save(trainer, out_p, overwrite, recipe, result)
+    if is_main_process() and not keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return result
+
+
+@dataclass
+class _Inputs:
+    """The checked data files, the base folder and tokenizer, and the tokenized examples."""
+
+    base: Path
+    tokenizer: Any
+    train_rows: TaskData
+    eval_rows: TaskData | None
+    train_set: list[Tokenized]
+    eval_set: list[Tokenized] | None
+    max_length: int
+    notes: list[str]
+
+
+def _read_inputs(
+    base: str | os.PathLike, data: str | os.PathLike, eval_data: str | os.PathLike | None, cfg: TrainConfig
+) -> _Inputs:
     train_rows = read_task_file(data, skip_bad=cfg.skip_bad_rows)
     eval_rows = read_task_file(eval_data, skip_bad=cfg.skip_bad_rows) if eval_data is not None else None
     notes = [_skipped_note(d) for d in (train_rows, eval_rows) if d is not None and d.bad]
-
     base_p = resolve_base(base)
     tok = load_tokenizer(base_p)
     max_length = cfg.max_length or _model_max_length(base_p)
@@ -134,25 +174,7 @@ def train_adapter(
     eval_set = tokenize_task(eval_rows, tok, max_length)[0] if eval_rows is not None else None
     if cut:
         notes.append(f"{len(cut)} training rows have no completion token within --max-length {max_length}")
-    for note in notes:
-        say(f"warning: {note}")
-    warnings += notes
-
-    recipe = train_recipe(base, base_p, train_rows, eval_rows, cfg)
-    if last is not None:
-        check_resume_recipe(ckpt, recipe)
-    model = _peft_model(base_p, cfg)
-    trainer = build_trainer(model, tok, train_set, eval_set, cfg, ckpt, progress, callbacks)
-    if is_main_process():
-        ckpt.mkdir(parents=True, exist_ok=True)
-        write_recipe(ckpt / RECIPE_NAME, recipe)
-    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-    result = _result(trainer, eval_loss, warnings, train_rows, eval_rows, max_length)
-    result.output = _save(trainer, out_p, overwrite, recipe, result, cfg)
-    if is_main_process() and not keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return result
+    return _Inputs(base_p, tok, train_rows, eval_rows, train_set, eval_set, max_length, notes)
 
 
 def _settings(config: TrainConfig | None, settings: dict[str, Any]) -> TrainConfig:
@@ -178,8 +200,6 @@ def _checkpoint_state(ckpt: Path, resume: bool, overwrite: bool) -> Path | None:
         raise UsageError(
             f"{ckpt} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over"
         )
-    if ckpt.is_dir() and overwrite and is_main_process():
-        shutil.rmtree(ckpt)
     return None
 
 
@@ -330,20 +350,13 @@ def planned_steps(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(math.ceil(batches / cfg.grad_accum) * cfg.total_epochs))
 
 
-def _result(
-    trainer: Any,
-    eval_loss: float | None,
-    warnings: list[str],
-    train_rows: TaskData,
-    eval_rows: TaskData | None,
-    max_length: int,
-) -> TrainResult:
+def _result(trainer: Any, eval_loss: float | None, warnings: list[str], inp: _Inputs) -> TrainResult:
     st = trainer.state
     losses = [h["loss"] for h in st.log_history if "loss" in h]
     runtime = next((h["train_runtime"] for h in reversed(st.log_history) if "train_runtime" in h), 0.0)
-    data = {"train": train_rows.summary(), "max_length": max_length}
-    if eval_rows is not None:
-        data["eval"] = eval_rows.summary()
+    data = {"train": inp.train_rows.summary(), "max_length": inp.max_length}
+    if inp.eval_rows is not None:
+        data["eval"] = inp.eval_rows.summary()
     return TrainResult(
         output=None,
         steps=st.global_step,
@@ -358,7 +371,7 @@ def _result(
     )
 
 
-def _save(trainer: Any, out: Path, overwrite: bool, recipe: dict, result: TrainResult, cfg: TrainConfig) -> Path:
+def _save(trainer: Any, out: Path, overwrite: bool, recipe: dict, result: TrainResult) -> Path:
     """The PEFT folder, its model card, recipe and loss log, written atomically by the main process only."""
     import json
 
