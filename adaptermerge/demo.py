@@ -50,10 +50,10 @@ class DemoSettings:
     layers: int = 2
     base_rows: int = 3000
     base_task_share: float = 0.15  # fraction of the base's data drawn from each adapter task
-    base_steps: int = 800
+    base_steps: int = 1200
     base_lr: float = 3e-3
     adapter_rows: int = 2000
-    adapter_steps: int = 200
+    adapter_steps: int = 300
     adapter_lr: float = 3e-3
     rank: int = 8
     alpha: float = 16.0

@@ -26,7 +26,7 @@ def plot_report(report: EvalReport, path: str | os.PathLike, title: str | None =
         raise UsageError(f"--plot {out} is a folder; give a .png file name")
     n_models, n_tasks = len(report.models), len(report.tasks)
     fig, axes = plt.subplots(
-        len(report.metrics), 1, figsize=(max(6.0, 1.2 + n_tasks * (0.35 * n_models + 0.6)), 3.6 * len(report.metrics))
+        len(report.metrics), 1, figsize=(max(6.0, 3.2 + n_tasks * (0.35 * n_models + 0.6)), 3.6 * len(report.metrics))
     )
     axes = axes if len(report.metrics) > 1 else [axes]
     width = 0.8 / max(n_models, 1)
@@ -39,7 +39,7 @@ def plot_report(report: EvalReport, path: str | os.PathLike, title: str | None =
         ax.set_xticks(range(n_tasks), report.tasks)
         ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2, loc="best")
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title or "adaptermerge evaluate: per-task scores")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
