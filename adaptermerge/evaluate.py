@@ -402,4 +402,7 @@ def _ret(r: EvalReport, metric: str, model: str, task: str, own: str) -> float |
 def _bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="evaluating", unit="model", file=sys.stderr, disable=not enabled, leave=False)
+    return tqdm(
+        total=total, desc="evaluating", unit="model", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()),
+        leave=False,
+    )  # fmt: skip

@@ -261,3 +261,20 @@ def test_ddp_two_processes_match_the_single_process_format(work: Path, tmp_path:
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert not (tmp_path / "ddp.checkpoints").exists()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "base"), str(tmp_path / "ddp"))
+
+
+def test_hub_id_resolves_from_the_local_cache_only(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from adaptermerge.models import resolve_base
+
+    snap = tmp_path / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(work / "base", snap)
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_base("someone/tiny") == snap
+    with pytest.raises(InvalidCheckpoint, match="hf download someone/other"):
+        resolve_base("someone/other")

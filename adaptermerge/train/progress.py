@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 
 class LossProgress(TrainerCallback):
-    """tqdm bar over optimizer steps; the postfix shows the last logged loss (and eval loss).
+    """tqdm bar over optimizer steps; the postfix shows the last logged loss (and eval loss); terminals only.
 
     It replaces transformers' ``ProgressCallback``/``PrinterCallback``, which print log dicts to stdout
     (where our results go). On resume the bar starts at the checkpoint's step.
@@ -26,7 +26,7 @@ class LossProgress(TrainerCallback):
         if state.is_world_process_zero:
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="training", unit="step", file=sys.stderr,
-                disable=not self.enabled, dynamic_ncols=True,
+                disable=not (self.enabled and sys.stderr.isatty()), dynamic_ncols=True,
             )  # fmt: skip
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
