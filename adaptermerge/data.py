@@ -19,17 +19,14 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from adaptermerge.errors import AdapterMergeError, UsageError
+from adaptermerge.errors import InvalidData, UsageError
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' and PyTorch's convention)
 MAX_REPORTED = 5  # bad rows named in one error message
-
-
-class InvalidData(AdapterMergeError):
-    """A task file is missing, empty, or has rows of the wrong form."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,17 @@ class TaskData:
     rows: list[Row]
     bad: list[tuple[int, str]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        """Counts for model cards and reports: rows by kind, skipped lines."""
+    @cached_property
+    def sha256(self) -> str:
         from adaptermerge.io.adapter import file_sha256
 
+        return file_sha256(self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for model cards and reports: rows by kind, skipped lines."""
         return {
             "file": str(self.path),
-            "sha256": file_sha256(self.path),
+            "sha256": self.sha256,
             "rows": len(self.rows),
             "kinds": dict(Counter(r.kind for r in self.rows)),
             "skipped_lines": [n for n, _ in self.bad],

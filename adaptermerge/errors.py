@@ -45,3 +45,7 @@ class InvalidCheckpoint(AdapterMergeError):
 
 class NumericalError(AdapterMergeError):
     """A computation produced NaN/Inf or lost what it was meant to keep."""
+
+
+class InvalidData(AdapterMergeError):
+    """A task data file (JSONL) is missing, empty, or has rows of the wrong form."""

@@ -285,6 +285,8 @@ def evaluate(
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     named = parse_named(models)
+    if not named and not include_base:
+        raise UsageError("nothing to evaluate: give models, or keep the base row")
     for name, path in named:
         if not path.is_dir():
             raise UsageError(f"{path} (model {name}) is not a folder")

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from adaptermerge.data import InvalidData, TaskData
-from adaptermerge.errors import UsageError
+from adaptermerge.data import TaskData
+from adaptermerge.errors import InvalidData, UsageError
 from adaptermerge.recipe import RECIPE_NAME, dump_recipe
 from adaptermerge.train.config import TrainConfig
 
