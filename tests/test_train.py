@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -278,3 +279,27 @@ def test_hub_id_resolves_from_the_local_cache_only(work: Path, tmp_path: Path, m
     assert resolve_base("someone/tiny") == snap
     with pytest.raises(InvalidCheckpoint, match="hf download someone/other"):
         resolve_base("someone/other")
+
+
+@pytest.mark.parametrize(
+    ("flags", "config_fields"),
+    [
+        ({"dora": True}, {"use_dora": True}),
+        ({"rslora": True}, {"use_rslora": True}),
+        ({"gradient_checkpointing": True}, {}),
+        ({"bf16": True}, {}),
+        ({"quantize": "fp4", "gradient_checkpointing": True}, {}),
+        ({"targets": "q_proj,v_proj"}, {"target_modules": ["q_proj", "v_proj"]}),
+    ],
+)
+def test_switches_train_and_load(work: Path, tmp_path: Path, flags: dict, config_fields: dict) -> None:
+    out = tmp_path / "o"
+    res = train_adapter(work / "base", work / "upper.jsonl", out, steps=3, progress=False, **{**FAST, **flags})
+    assert res.steps == 3 and res.train_loss is not None and math.isfinite(res.train_loss)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    for k, v in config_fields.items():
+        assert cfg[k] == v, k
+    tensors = _tensors(out)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())  # the adapter moved from B = 0
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "base"), str(out))
