@@ -15,6 +15,7 @@ from adaptermerge.errors import (
     IncompatibleAdapters,
     InvalidAdapter,
     InvalidCheckpoint,
+    InvalidData,
     NumericalError,
     OutputExistsError,
     PublishError,
@@ -46,11 +47,17 @@ _LAZY = {
     "Check": "adaptermerge.validation",
     "ValidationReport": "adaptermerge.validation",
     "validate": "adaptermerge.validation",
+    "EvalReport": "adaptermerge.evaluation",
+    "evaluate": "adaptermerge.evaluation",
+    "TrainConfig": "adaptermerge.train",
+    "TrainResult": "adaptermerge.train",
+    "train_adapter": "adaptermerge.train",
 }
 
 if TYPE_CHECKING:
     from adaptermerge.adapter import Adapter
     from adaptermerge.combination import combine, save_combined
+    from adaptermerge.evaluation import EvalReport, evaluate
     from adaptermerge.hub import PushResult, push
     from adaptermerge.inspection import describe
     from adaptermerge.io.adapter import load_adapter
@@ -60,6 +67,7 @@ if TYPE_CHECKING:
     from adaptermerge.surgery.init_conversion import convert_to_plain_lora
     from adaptermerge.surgery.merge import MergeReport, merge_into_base
     from adaptermerge.surgery.resize import resize_adapter
+    from adaptermerge.train import TrainConfig, TrainResult, train_adapter
     from adaptermerge.validation import Check, ValidationReport, validate
 
 
@@ -84,15 +92,19 @@ __all__ = [
     "Adapter",
     "AdapterMergeError",
     "Check",
+    "EvalReport",
     "IncompatibleAdapters",
     "InvalidAdapter",
     "InvalidCheckpoint",
+    "InvalidData",
     "LowRank",
     "MergeReport",
     "NumericalError",
     "OutputExistsError",
     "PublishError",
     "PushResult",
+    "TrainConfig",
+    "TrainResult",
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UnsupportedArchitecture",
@@ -103,6 +115,7 @@ __all__ = [
     "combine",
     "convert_to_plain_lora",
     "describe",
+    "evaluate",
     "extract_lora",
     "load_adapter",
     "merge_into_base",
@@ -112,4 +125,5 @@ __all__ = [
     "save_combined",
     "save_extracted",
     "validate",
+    "train_adapter",
 ]

@@ -58,3 +58,7 @@ class ValidationFailed(AdapterMergeError):
 
 class PublishError(AdapterMergeError):
     """Publishing to the Hub failed: no token, refused token, no network, or the Hub refused the upload."""
+
+
+class InvalidData(AdapterMergeError):
+    """A task data file (JSONL) is missing, empty, or has rows of the wrong form."""

@@ -82,27 +82,10 @@ def scaling_ratio(config: dict[str, Any]) -> float | None:
 
 def anti_patterns(adapter: Adapter, compute_dtype: torch.dtype | None = None) -> list[Finding]:
     """The guidelines' anti-patterns this adapter shows; ``compute_dtype`` (the base's) enables the dtype rule."""
-    out: list[Finding] = []
     cfg = adapter.config
     ratio = scaling_ratio(cfg) if cfg else None
-    if ratio is not None and ratio > ALPHA_RATIO_HIGH:
-        out.append(
-            Finding(
-                "alpha_ratio_high",
-                "warn",
-                f"lora_alpha/r scaling is {ratio:g} (alpha={cfg.get('lora_alpha')}, r={cfg.get('r')}); alpha much "
-                "larger than r makes training unstable (alpha = r or 2r is usual)",
-            )
-        )
-    elif ratio is not None and ratio < ALPHA_RATIO_LOW:
-        out.append(
-            Finding(
-                "alpha_ratio_low",
-                "warn",
-                f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha",
-            )
-        )
-    out += _rank_findings(max((m.rank for m in adapter.modules.values()), default=0))
+    out = [] if ratio is None else scaling_findings(ratio, cfg.get("lora_alpha"), cfg.get("r"))
+    out += rank_findings(max((m.rank for m in adapter.modules.values()), default=0))
     if compute_dtype is not None and adapter.dtype != compute_dtype:
         out.append(
             Finding(
@@ -116,7 +99,30 @@ def anti_patterns(adapter: Adapter, compute_dtype: torch.dtype | None = None) ->
     return out
 
 
-def _rank_findings(top: int) -> list[Finding]:
+def scaling_findings(ratio: float, alpha: Any = None, r: Any = None) -> list[Finding]:
+    """The alpha/r anti-patterns for a scaling ``ratio`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA)."""
+    if ratio > ALPHA_RATIO_HIGH:
+        return [
+            Finding(
+                "alpha_ratio_high",
+                "warn",
+                f"lora_alpha/r scaling is {ratio:g} (alpha={alpha}, r={r}); alpha much larger than r makes training "
+                "unstable (alpha = r or 2r is usual)",
+            )
+        ]
+    if ratio < ALPHA_RATIO_LOW:
+        return [
+            Finding(
+                "alpha_ratio_low",
+                "warn",
+                f"lora_alpha/r scaling is {ratio:g}; updates this small often mean a mis-set alpha",
+            )
+        ]
+    return []
+
+
+def rank_findings(top: int) -> list[Finding]:
+    """The rank anti-patterns for the largest rank ``top``."""
     if top > RANK_EXPERIMENTAL:
         return [
             Finding(

@@ -230,21 +230,32 @@ def combine_cmd(
 
 @cli.command("demo")
 @click.option(
-    "--workdir",
+    "-o",
+    "--output",
     type=click.Path(file_okay=False),
-    help="Where to write the demo files (default: a new temporary folder).",
+    default="adaptermerge-demo",
+    show_default=True,
+    help="Folder for everything the demo makes (must be empty or absent).",
 )
-def demo_cmd(workdir: str | None) -> None:
-    """Run the offline end-to-end demo on a tiny model built from a config.
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo folder (only one the demo wrote).")
+@click.option("--fast", is_flag=True, help="A shorter run with smaller data (what the test suite runs).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(output: str, overwrite: bool, fast: bool, quiet: bool) -> None:
+    """Run the offline end-to-end demo: train task adapters, merge them every way, evaluate everything.
 
-    Builds a tiny Llama-style base, makes two PEFT adapters, inspects and combines them, and checks
-    that PEFT loads the result with the expected logits. Nothing is downloaded.
+    Builds a small Llama-style base with its own tokenizer and teaches it, trains a LoRA adapter per
+    synthetic task, combines them with every merge method, merges into the base and into a 4-bit base,
+    and evaluates every model on every task. Prints the table (with retention against each task's own
+    adapter), writes results.json and results.png, and lists the folders. Nothing is downloaded; about
+    2 minutes on 2 CPU cores.
 
     \b
     Examples:
       adaptermerge demo
-      adaptermerge demo --workdir ./demo-out
+      adaptermerge demo -o ./demo-out --overwrite
+      adaptermerge --threads 2 demo          # torch threads (default for the demo: 1)
     """
     from adaptermerge.demo import run_demo
 
-    run_demo(workdir)
+    threads = click.get_current_context().find_root().meta.get("adaptermerge.threads")
+    run_demo(output, fast=fast, overwrite=overwrite, progress=not quiet, threads=threads or 1)

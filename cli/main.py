@@ -188,7 +188,12 @@ def cli(debug: bool, threads: int | None) -> None:
 
 
 def _register() -> None:
-    from adaptermerge_cli import commands, surgery_commands, validate_commands  # noqa: F401  (registers subcommands)
+    from adaptermerge_cli import (  # noqa: F401  (registers subcommands)
+        commands,
+        surgery_commands,
+        train_commands,
+        validate_commands,
+    )
 
 
 def main() -> None:
