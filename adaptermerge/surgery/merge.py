@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, ShardWriter, read_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import MergePlan, ShardPlan, non_weight_files, plan_merge
+from adaptermerge.surgery.report import MergeReport, ModuleResult
 from adaptermerge.surgery.tokens import fold_rows
 
 QUANT_CHOICES = ("nf4", "fp4")
@@ -69,30 +69,6 @@ def _refuse_beyond(what: str, top: float, want: torch.dtype) -> None:
             f"{what} reach {top:.4g}, beyond the largest {want} ({limit:.4g}); nothing was written. "
             "Choose a wider --dtype (bfloat16 or float32)"
         )
-
-
-@dataclass
-class ModuleResult:
-    """Per-module figures of a merge."""
-
-    module: str
-    key: str
-    delta_rel_norm: float  # ||delta|| / ||W||
-    quant_type: str | None = None
-    requant_rel_error: float | None = None  # ||deq(out) - (W + delta)|| / ||W + delta||
-    delta_survival: float | None = None  # fraction of delta that survives: 1 - ||deq(out) - target|| / ||delta||
-    plain_requant_rel_error: float | None = None  # same with absmax scales (what PEFT's path gives)
-
-
-@dataclass
-class MergeReport:
-    output: str
-    modules: list[ModuleResult] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    bytes_written: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _as_adapter(

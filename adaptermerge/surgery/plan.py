@@ -398,8 +398,9 @@ def _shard_jobs(
             out = PlannedTensor(rename[1] + name, dtype, info.shape)
             if name in member_of:
                 w = member_of[name]
-                module = changes[w].module if w in changes else None
-                jobs.append(Job(out, "quant" if module else "copy", f, info, module, group=w))
+                ch = changes.get(w) or _Change()
+                action = "quant" if (ch.module or ch.replace) else "copy"
+                jobs.append(Job(out, action, f, info, ch.module, extra_key=ch.replace, group=w))
                 continue
             change = changes.get(name)
             if name in tied_stored and not untie:

@@ -30,6 +30,7 @@ from adaptermerge.io import bnb4
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, PlannedTensor, read_tensor
 from adaptermerge.surgery.plan import Job, ShardPlan
+from adaptermerge.surgery.report import ModuleResult
 
 if TYPE_CHECKING:
     from adaptermerge.surgery.merge import MergeReport, _Executor
@@ -133,7 +134,15 @@ def _dequantize_plan(ex: _Executor) -> list[ShardPlan]:
                     ex.transposed.add(j.group)
                 dt = TORCH_TO_ST[ex_dtype(ex, spec)]
                 jobs.append(
-                    Job(PlannedTensor(j.out.name, dt, shape), "dequant", j.src_file, j.src, j.module, group=j.group)
+                    Job(
+                        PlannedTensor(j.out.name, dt, shape),
+                        "dequant",
+                        j.src_file,
+                        j.src,
+                        j.module,
+                        j.extra_key,
+                        group=j.group,
+                    )
                 )
         out.append(ShardPlan(s.file, jobs, s.metadata))
     return out
@@ -218,16 +227,20 @@ def _compute_group(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
     src = _load_group(ex, group)
     spec = ex.specs[group]
     w = bnb4.dequantize(src, group, torch.float32).to(ex.dev)
+    base = w if job.extra_key is None else _replacement(ex, job, w)
     if module is not None:
-        target = ex.merged_weight(module, w, ex_dtype(ex, spec) if job.action == "dequant" else torch.float32)
+        target = ex.merged_weight(module, base, ex_dtype(ex, spec) if job.action == "dequant" else torch.float32)
+        res = ex.last
     else:
-        target = w
+        target = base
+        res = ModuleResult(
+            job.extra_key or group, rename + group, float((base - w).norm()) / max(float(w.norm()), 1e-30)
+        )
     if job.action == "dequant":
-        if module is not None:
-            ex.report.modules.append(ex.last)
+        if module is not None or job.extra_key is not None:
+            ex.report.modules.append(res)
         return {rename + group: (target.T if group in ex.transposed else target).cpu()}
     tensors, rep = bnb4.quantize_with_report(target, spec, group, ex.optimize)
-    res = ex.last
     res.quant_type = spec.quant_type
     deq = bnb4.dequantize(tensors, group, torch.float32).to(ex.dev)
     delta = (target - w).double()
@@ -241,6 +254,20 @@ def _compute_group(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
     if not all(bool(torch.isfinite(tensors[group + s]).all()) for s in bnb4.STAT_SUFFIXES if group + s in tensors):
         raise NumericalError(f"module {module}: re-quantization produced NaN/Inf")
     return {rename + k: v.cpu() for k, v in tensors.items()}
+
+
+def _replacement(ex: _Executor, job: Job, w: torch.Tensor) -> torch.Tensor:
+    """An adapter tensor that replaces a 4-bit weight (a ``modules_to_save`` head, a saved base layer), in the 4-bit
+    layout (``out x in``: a Conv1D weight is transposed, as transformers quantizes it)."""
+    t = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, torch.float32)
+    if job.group in ex.transposed:
+        t = t.T
+    if tuple(t.shape) != tuple(w.shape):
+        raise InvalidCheckpoint(
+            f"adapter tensor {job.extra_key} has shape {list(t.shape)} but the 4-bit weight {job.group} holds "
+            f"{list(w.shape)}; the adapter was made for a different base model"
+        )
+    return t.contiguous()
 
 
 def _quantize_new(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
