@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import dtype_name, resolve_device, resolve_dtype
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.atomic import check_output_path
 from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
-from adaptermerge.methods.registry import get_method
+from adaptermerge.methods.registry import Kind, Method, RankRule, get_method
 from adaptermerge.tokens import combine_token_rows
 
 BATCH = 32  # modules per batched QR/SVD
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -38,23 +38,6 @@ class ModuleReport:
     rank: int
     kept_energy: float
     rel_error_vs_exact: float | None = None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device, refusing ``cuda`` where torch has no usable GPU."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return dev
-
-
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name)]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -84,7 +67,7 @@ def check_compatible(adapters: Sequence[Adapter], names: Sequence[str], allow_di
     bases = {_norm_base(a.base_model) for a in adapters} - {None}
     if len(bases) > 1 and not allow_different_base:
         raise IncompatibleAdapters(
-            f"adapters were trained on different bases ({', '.join(sorted(bases))}); pass --allow-different-base if they share weights"
+            f"adapters were trained on different bases ({', '.join(sorted(bases))}); pass `allow_different_base` if they share weights"
         )
     roots = [{_module_root(m) for m in a.modules} for a in adapters]
     for i in range(1, len(adapters)):
@@ -154,6 +137,41 @@ def _combine_extras(
     return out, [note]
 
 
+@dataclass
+class _Terms:
+    """One module's inputs: the weighted LowRanks of the adapters that touch it."""
+
+    terms: list[tuple[float, LowRank]]
+    layout: str
+    bias: torch.Tensor | None
+
+    @property
+    def ranks(self) -> list[int]:
+        return [m.rank for _, m in self.terms]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.terms[0][1].shape
+
+
+@dataclass
+class _Call:
+    """A validated combine call: the method, its resolved parameters, and where and how the algebra runs."""
+
+    spec: Method
+    params: dict[str, Any]
+    rank: int | None
+    energy: float | None
+    device: torch.device
+    compute_dtype: torch.dtype
+    keep_factors: bool
+    progress: bool
+
+    def context(self) -> dict[str, Any]:
+        """What a method function receives: its own parameters plus the device and compute dtype."""
+        return {**self.params, "device": self.device, "compute_dtype": self.compute_dtype}
+
+
 def combine(
     adapters: Sequence[Adapter | str | os.PathLike],
     weights: Sequence[float] | None = None,
@@ -166,16 +184,21 @@ def combine(
     allow_different_base: bool = False,
     progress: bool = False,
     base: str | os.PathLike | Checkpoint | None = None,
+    *,
+    keep_factors: bool = False,
+    **method_params: Any,
 ) -> Adapter:
     """Combine adapters into one new adapter.
 
     Args:
         adapters: loaded :class:`Adapter` objects or adapter folders.
         weights: one weight per adapter (default: equal, summing to 1).
-        method: ``linear`` (exact weighted sum), ``cat``, ``svd``, ``factor-linear`` (PEFT's linear).
-        rank: output rank for ``svd`` (default: largest input rank), optional truncation for ``linear``.
-        energy: keep the smallest rank per module holding this fraction of ``||delta||_F^2``
-            (``svd``/``linear``), capped by ``rank`` when both are given.
+        method: a registered method (``adaptermerge.methods.registry.method_names()``): ``linear`` (exact weighted
+            sum), ``cat``, ``svd``, ``factor-linear`` (PEFT's linear), ...; docs/methods.md lists them all.
+        rank: output rank, as the method's rank rule says (``svd``: default the largest input rank; ``linear``:
+            optional truncation; methods that keep their factors refuse it).
+        energy: keep the smallest rank per module holding this fraction of ``||delta||_F^2``, capped by ``rank``
+            when both are given.
         device: where the algebra runs (``cpu`` or ``cuda``).
         dtype: storage dtype of the output factors (default: the inputs' dtype when they agree, else fp32).
         compute_dtype: ``float32`` (default) or ``float64``.
@@ -186,10 +209,13 @@ def combine(
             they are converted to plain LoRA against it first (:func:`adaptermerge.convert_to_plain_lora`), and
             (2) for trained token rows (PEFT ``trainable_token_indices``) whose weights do not sum to 1: their
             combined row ``base + sum_i w_i (row_i - base)`` contains the base row. Without it such inputs are refused.
+        keep_factors: return the method's factors without re-ranking them (what a merge into a base adds for a
+            method whose declaration says ``BaseMerge.STACKED``: the exact sum, never decomposed).
+        **method_params: the method's own parameters (``density=0.5``...), as its declaration lists them.
 
     Returns:
         The combined :class:`Adapter`; ``adapter.provenance["modules"]`` holds a per-module report
-        (ranks, kept energy, and for ``factor-linear`` the relative error against the exact sum).
+        (ranks, kept energy, and for methods that report it the relative error against the exact sum).
 
     Example:
         >>> import torch, adaptermerge
@@ -203,112 +229,23 @@ def combine(
     """
     if not adapters:
         raise UsageError("give at least one adapter to combine")
-    spec = get_method(method)
+    call = _validate_call(method, rank, energy, device, compute_dtype, keep_factors, progress, method_params)
     from adaptermerge.surgery.init_conversion import plain_adapters
 
     loaded = plain_adapters(adapters, base=base, device=device)
     names = [str(a.source) if a.source is not None else f"adapter #{i + 1}" for i, a in enumerate(loaded)]
     w = normalize_weights(weights, len(loaded))
-    if rank is not None and (int(rank) != rank or rank < 1):
-        raise UsageError(f"--rank must be a positive integer, got {rank}")
-    if energy is not None and not (0.0 < energy <= 1.0):
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
-    if spec.refactor == "none" and (rank is not None or energy is not None):
-        raise UsageError(f"method {spec.name} keeps the stacked factors; --rank/--energy apply to linear and svd")
-    dev = resolve_device(device)
-    cdtype = resolve_dtype(compute_dtype) or torch.float32
     check_compatible(loaded, names, allow_different_base)
-    out_dtype = resolve_dtype(dtype)
-    if out_dtype is None:
-        dts = {a.dtype for a in loaded}
-        out_dtype = dts.pop() if len(dts) == 1 else torch.float32
+    out_dtype = resolve_dtype(dtype) or _common_dtype(loaded)
     token_rows = _combine_tokens(loaded, w, base, out_dtype)  # cheap, and refusals come before the algebra
 
-    module_names = sorted({m for a in loaded for m in a.modules}, key=_natural_key)
-    params = {"device": dev, "compute_dtype": cdtype}
-    biases: dict[str, torch.Tensor | None] = {}
-    layouts: dict[str, str] = {}
-    input_ranks: dict[str, list[int]] = {}
-    terms_by_module: dict[str, list[tuple[float, LowRank]]] = {}
-    for mod in module_names:
-        terms = [(wi, a.modules[mod]) for wi, a in zip(w, loaded, strict=True) if mod in a.modules]
-        terms_by_module[mod] = terms
-        layouts[mod] = terms[0][1].layout
-        input_ranks[mod] = [m.rank for _, m in terms]
-        bs = [(wi, m.bias) for wi, m in terms if m.bias is not None]
-        biases[mod] = sum(wi * b.to(dev, cdtype) for wi, b in bs) if bs else None
-
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    reports: dict[str, ModuleReport] = {}
-    if spec.refactor == "none":
-        for mod in module_names:
-            b, a = spec.fn(terms_by_module[mod], params)
-            results[mod] = (b, a)
-            reports[mod] = ModuleReport(mod, input_ranks[mod], int(a.shape[0]), 1.0)
-    else:
-        # Batch modules whose stacked factors have equal shapes; build each chunk's stack just before
-        # its QR so that memory holds the inputs, the outputs and one chunk, not a second copy of all.
-        groups: dict[tuple, list[str]] = defaultdict(list)
-        for mod in module_names:
-            m0 = terms_by_module[mod][0][1]
-            groups[(m0.B.shape[0], m0.A.shape[1], sum(input_ranks[mod]))].append(mod)
-        bar = _progress(len(module_names), progress, "re-ranking modules")
-        for mods in groups.values():
-            for c in range(0, len(mods), BATCH):
-                chunk = mods[c : c + BATCH]
-                stacks = [spec.fn(terms_by_module[m], params) for m in chunk]
-                fs = factored_svd(torch.stack([b for b, _ in stacks]), torch.stack([a for _, a in stacks]))
-                del stacks
-                for i, mod in enumerate(chunk):
-                    s = fs.S[i]
-                    big_r = sum(input_ranks[mod])
-                    if spec.refactor == "lossless" and rank is None and energy is None:
-                        scale = sum(abs(wi) * m.frobenius_norm() for wi, m in terms_by_module[mod])
-                        k = numerical_rank(s, big_r, scale)
-                    else:
-                        k = rank if rank is not None else (max(input_ranks[mod]) if energy is None else big_r)
-                        if energy is not None:
-                            k = min(k, energy_rank(s, energy))
-                        k = min(k, s.numel())
-                    b, a = fs.factors(k, i)
-                    results[mod] = (b, a)
-                    reports[mod] = ModuleReport(mod, input_ranks[mod], k, kept_energy(s, k))
-                    bar.update(1)
-                del fs
-        bar.close()
-
-    if spec.name == "factor-linear":
-        for mod, (b, a) in results.items():
-            eb, ea = spec_exact_stack(terms_by_module[mod], dev, cdtype)
-            exact = LowRank(A=ea, B=eb)
-            diff = LowRank(A=torch.cat([a, exact.A]), B=torch.cat([b, -exact.B], dim=1))
-            denom = exact.frobenius_norm()
-            reports[mod].rel_error_vs_exact = diff.frobenius_norm() / denom if denom > 0 else 0.0
-
-    modules: dict[str, LowRank] = {}
-    warnings: list[str] = []
-    for mod in module_names:
-        b, a = results[mod]
-        if a.shape[0] == 0:
-            warnings.append(f"module {mod}: the combined delta is zero and was dropped")
-            continue
-        bias = biases[mod]
-        modules[mod] = LowRank(
-            A=a.to("cpu").contiguous(),
-            B=b.to("cpu").contiguous(),
-            layout=layouts[mod],
-            bias=None if bias is None else bias.to("cpu"),
-        )
+    inputs = _module_terms(loaded, w, call)
+    results, reports = _RUNNERS[call.spec.kind](inputs, call)
+    if call.spec.reports_error:
+        _measure_error(results, reports, inputs, call)
+    modules, warnings = _assemble(results, inputs)
     extras, notes = _combine_extras(loaded, names, w)
-    warnings += notes
-    if spec.name == "factor-linear":
-        errs = [r.rel_error_vs_exact for r in reports.values() if r.rel_error_vs_exact is not None]
-        if errs and max(errs) > 1e-3:
-            warnings.append(
-                f"factor-linear (PEFT's 'linear') is not the weighted sum of the deltas: relative error against the exact sum "
-                f"is {sum(errs) / len(errs):.3f} on average, {max(errs):.3f} at worst; use --method linear for the exact sum"
-            )
-    warnings += _bias_notes(modules, module_names)
+    warnings += notes + _method_notes(call, reports) + _bias_notes(modules, list(inputs))
     task_types = {a.task_type for a in loaded} - {None}
     if len(task_types) > 1:
         warnings.append(f"adapters have different task types {sorted(task_types)}; the first is kept")
@@ -323,18 +260,152 @@ def combine(
         dtype=out_dtype,
         warnings=warnings,
         provenance={
-            "method": spec.name,
+            "method": call.spec.name,
             "weights": w,
             "rank": rank,
             "energy": energy,
+            "params": call.params,
             "allow_different_base": allow_different_base,
             **({"base": _base_path(base)} if base is not None and (token_rows or _converted(loaded)) else {}),
             "inputs": [str(a.source) if a.source else None for a in loaded],
-            "compute_dtype": str(cdtype).replace("torch.", ""),
-            "dtype": str(out_dtype).replace("torch.", ""),
-            "modules": [asdict(r) for r in (reports[m] for m in module_names)],
+            "compute_dtype": dtype_name(call.compute_dtype),
+            "dtype": dtype_name(out_dtype),
+            "modules": [asdict(reports[m]) for m in inputs],
         },
     )
+
+
+def _validate_call(
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    device: str | torch.device,
+    compute_dtype: str | torch.dtype,
+    keep_factors: bool,
+    progress: bool,
+    method_params: dict[str, Any],
+) -> _Call:
+    """Refuse impossible arguments before any adapter is read; resolve the method's parameters."""
+    spec = get_method(method)
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise UsageError(f"`rank` must be a positive integer, got {rank}")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise UsageError(f"`energy` must be in (0, 1], got {energy}")
+    if not spec.takes_rank and (rank is not None or energy is not None):
+        raise UsageError(f"method {spec.name} keeps its factors as they are; `rank`/`energy` do not apply to it")
+    params = spec.resolve_params(method_params)
+    cdtype = resolve_dtype(compute_dtype) or torch.float32
+    return _Call(spec, params, rank, energy, resolve_device(device), cdtype, keep_factors, progress)
+
+
+def _common_dtype(loaded: Sequence[Adapter]) -> torch.dtype:
+    dts = {a.dtype for a in loaded}
+    return dts.pop() if len(dts) == 1 else torch.float32
+
+
+def _module_terms(loaded: Sequence[Adapter], w: list[float], call: _Call) -> dict[str, _Terms]:
+    """Module -> the weighted terms of the adapters that touch it (an adapter that does not is not counted)."""
+    out: dict[str, _Terms] = {}
+    for mod in sorted({m for a in loaded for m in a.modules}, key=_natural_key):
+        terms = [(wi, a.modules[mod]) for wi, a in zip(w, loaded, strict=True) if mod in a.modules]
+        bs = [(wi, m.bias) for wi, m in terms if m.bias is not None]
+        bias = sum(wi * b.to(call.device, call.compute_dtype) for wi, b in bs) if bs else None
+        out[mod] = _Terms(terms, terms[0][1].layout, bias)
+    return out
+
+
+Results = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _run_factored(inputs: dict[str, _Terms], call: _Call) -> tuple[Results, dict[str, ModuleReport]]:
+    """Factored methods: the method's stacked factors per module, then its rank rule."""
+    ctx = call.context()
+    if call.keep_factors or call.spec.rank_rule is RankRule.KEEP:
+        results = {m: call.spec.fn(t.terms, ctx) for m, t in inputs.items()}
+        return results, {m: ModuleReport(m, t.ranks, int(results[m][1].shape[0]), 1.0) for m, t in inputs.items()}
+    return _rerank_batched(inputs, call, lambda mod: call.spec.fn(inputs[mod].terms, ctx))
+
+
+def _rerank_batched(inputs: dict[str, _Terms], call: _Call, stack) -> tuple[Results, dict[str, ModuleReport]]:
+    """Thin QR of each module's stacked factors and an SVD of the small core, batched over modules whose stacks
+    have equal shapes; each chunk's stacks are built just before its QR, so memory holds the inputs, the outputs
+    and one chunk, not a second copy of all."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for mod, t in inputs.items():
+        groups[(*t.shape, sum(t.ranks))].append(mod)
+    results: Results = {}
+    reports: dict[str, ModuleReport] = {}
+    bar = _progress(len(inputs), call.progress, "re-ranking modules")
+    for mods in groups.values():
+        for c in range(0, len(mods), BATCH):
+            chunk = mods[c : c + BATCH]
+            stacks = [stack(m) for m in chunk]
+            fs = factored_svd(torch.stack([b for b, _ in stacks]), torch.stack([a for _, a in stacks]))
+            del stacks
+            for i, mod in enumerate(chunk):
+                k = _output_rank(fs.S[i], inputs[mod], call)
+                results[mod] = fs.factors(k, i)
+                reports[mod] = ModuleReport(mod, inputs[mod].ranks, k, kept_energy(fs.S[i], k))
+                bar.update(1)
+            del fs
+    bar.close()
+    return results, reports
+
+
+def _output_rank(s: torch.Tensor, t: _Terms, call: _Call) -> int:
+    """The number of singular triplets to keep, by the method's rank rule (see :class:`RankRule`)."""
+    rule, rank, energy = call.spec.rank_rule, call.rank, call.energy
+    if rule is RankRule.EXACT and rank is None and energy is None:
+        scale = sum(abs(wi) * m.frobenius_norm() for wi, m in t.terms)
+        return numerical_rank(s, sum(t.ranks), scale)
+    default = max(t.ranks) if rule is RankRule.BEST_RANK else min(sum(t.ranks), *t.shape)
+    k = rank if rank is not None else (default if energy is None else s.numel())
+    if energy is not None:
+        k = min(k, energy_rank(s, energy))
+    return min(k, s.numel())
+
+
+_RUNNERS = {Kind.FACTORED: _run_factored}
+
+
+def _measure_error(results: Results, reports: dict[str, ModuleReport], inputs: dict[str, _Terms], call: _Call) -> None:
+    """Each module's relative error against the exact weighted sum, in factored form."""
+    from adaptermerge.methods.basic import weighted_stack
+
+    ctx = call.context()
+    for mod, (b, a) in results.items():
+        eb, ea = weighted_stack(inputs[mod].terms, ctx)
+        diff = LowRank(A=torch.cat([a, ea]), B=torch.cat([b, -eb], dim=1))
+        denom = LowRank(A=ea, B=eb).frobenius_norm()
+        reports[mod].rel_error_vs_exact = diff.frobenius_norm() / denom if denom > 0 else 0.0
+
+
+def _assemble(results: Results, inputs: dict[str, _Terms]) -> tuple[dict[str, LowRank], list[str]]:
+    """The output modules on the CPU; a module whose combined delta is zero is dropped and named."""
+    modules: dict[str, LowRank] = {}
+    warnings: list[str] = []
+    for mod, t in inputs.items():
+        b, a = results[mod]
+        if a.shape[0] == 0:
+            warnings.append(f"module {mod}: the combined delta is zero and was dropped")
+            continue
+        modules[mod] = LowRank(
+            A=a.to("cpu").contiguous(),
+            B=b.to("cpu").contiguous(),
+            layout=t.layout,
+            bias=None if t.bias is None else t.bias.to("cpu"),
+        )
+    return modules, warnings
+
+
+def _method_notes(call: _Call, reports: dict[str, ModuleReport]) -> list[str]:
+    errs = [r.rel_error_vs_exact for r in reports.values() if r.rel_error_vs_exact is not None]
+    if not errs or max(errs) <= 1e-3:
+        return []
+    return [
+        f"{call.spec.name} is not the weighted sum of the deltas: relative error against the exact sum is "
+        f"{sum(errs) / len(errs):.3f} on average, {max(errs):.3f} at worst; use --method linear for the exact sum"
+    ]
 
 
 def _base_path(base: str | os.PathLike | Checkpoint) -> str:
@@ -388,15 +459,6 @@ def save_combined(result: Adapter, out: str | os.PathLike, overwrite: bool = Fal
     recipe = combine_recipe(result)
     files = {"README.md": combine_card(result, recipe), RECIPE_NAME: dump_recipe(recipe)}
     return save_adapter(result, out, overwrite=overwrite, extra_files=files)
-
-
-def spec_exact_stack(
-    terms: list[tuple[float, LowRank]], dev: torch.device, cdtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B_cat, A_cat)`` of the exact weighted sum, the reference the factor-wise methods are measured against."""
-    from adaptermerge.methods.basic import weighted_stack
-
-    return weighted_stack(terms, {"device": dev, "compute_dtype": cdtype})
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:

@@ -51,9 +51,9 @@ class TaskData:
 
     @cached_property
     def sha256(self) -> str:
-        from adaptermerge.io.adapter import file_sha256
+        from adaptermerge.io.files import sha256_file
 
-        return file_sha256(self.path)
+        return sha256_file(self.path)
 
     def summary(self) -> dict[str, Any]:
         """Counts for model cards and reports: rows by kind, skipped lines."""
@@ -102,7 +102,7 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
             if max_rows is not None and len(rows) >= max_rows:
                 break
     if bad and not skip_bad:
-        raise InvalidData(f"{p}: {_describe_bad(bad)}; fix these rows or pass --skip-bad-rows to leave them out")
+        raise InvalidData(f"{p}: {_describe_bad(bad)}; fix these rows or pass `skip_bad_rows` to leave them out")
     if not rows:
         what = f"no usable row ({_describe_bad(bad)})" if bad else "no rows"
         raise InvalidData(f"{p} has {what}; expected JSON lines with prompt/completion, text or messages")
@@ -177,7 +177,7 @@ def prompt_and_target(row: Row, tokenizer: Any) -> tuple[list[int], str]:
         return encode(tokenizer, prefix, special=False), row.messages[-1][1]
     raise UsageError(
         f"line {row.line}: accuracy metrics need prompt/completion rows or conversations ending with an "
-        "assistant message; use --metric loss for text rows"
+        "assistant message; use `metric` loss for text rows"
     )
 
 
@@ -210,7 +210,7 @@ def tokenize_task(data: TaskData, tokenizer: Any, max_length: int) -> tuple[list
             out.append(t)
     if not out:
         raise InvalidData(
-            f"{data.path}: every row's completion lies beyond --max-length {max_length} tokens; raise --max-length"
+            f"{data.path}: every row's completion lies beyond `max_length` {max_length} tokens; raise `max_length`"
         )
     return out, cut
 

@@ -117,7 +117,7 @@ def _prepare(root: Path, overwrite: bool, s: DemoSettings) -> Path:
     """An empty output folder, or an earlier demo folder emptied with ``overwrite``; never someone else's files."""
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         if not overwrite:
-            raise OutputExistsError(f"{root} exists and is not empty; pass --overwrite or choose another -o folder")
+            raise OutputExistsError(f"{root} exists and is not empty; pass `overwrite` or choose another -o folder")
         if not (root / MARKER).is_file():
             raise OutputExistsError(f"{root} is not an earlier demo folder (no {MARKER}); choose another -o folder")
         shutil.rmtree(root)

@@ -130,9 +130,9 @@ def parse_named(items: Sequence[str | os.PathLike | tuple[str, str | os.PathLike
 
 def _load_tasks(tasks: Mapping[str, str | os.PathLike], max_examples: int | None) -> dict[str, list[Row]]:
     if not tasks:
-        raise UsageError("give at least one task: --task NAME=FILE.jsonl")
+        raise UsageError("give at least one task: `task` NAME=FILE.jsonl")
     if max_examples is not None and max_examples < 1:
-        raise UsageError(f"--max-examples must be positive, got {max_examples}")
+        raise UsageError(f"`max_examples` must be positive, got {max_examples}")
     return {name: read_task_file(path, max_rows=max_examples).rows for name, path in tasks.items()}
 
 
@@ -277,7 +277,7 @@ def evaluate(
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise UsageError(f"unknown metric {bad or metrics}; choose from {', '.join(METRICS)}")
-    from adaptermerge.combination import resolve_device
+    from adaptermerge.dtypes import resolve_device
 
     dev = str(resolve_device(device))
     if not progress:

@@ -147,7 +147,9 @@ def rank_findings(top: int) -> list[Finding]:
 
 
 def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    from adaptermerge.dtypes import dtype_name
+
+    return dtype_name(dtype)
 
 
 def vllm_unsupported_fields(config: dict[str, Any]) -> list[tuple[str, Any, str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import dtype_name
 from adaptermerge.errors import InvalidAdapter
 from adaptermerge.guidelines import anti_patterns, serving_findings
 from adaptermerge.io.adapter import WEIGHTS_NAME, load_adapter, module_scaling
@@ -58,7 +59,7 @@ def describe_adapter(adapter: Adapter, norms: bool = True) -> dict[str, Any]:
         "path": str(adapter.source) if adapter.source else None,
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
-        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "dtype": dtype_name(adapter.dtype),
         "num_modules": len(adapter.modules),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "use_rslora": bool(cfg.get("use_rslora", False)),

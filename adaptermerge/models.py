@@ -62,11 +62,11 @@ def bnb_config(quantize: str, compute_dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quantize not in QUANT_TYPES:
-        raise UsageError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
+        raise UsageError(f"`quantize` must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UsageError("--quantize needs bitsandbytes: pip install 'adaptermerge[quant]'") from None
+        raise UsageError("`quantize` needs bitsandbytes: pip install 'adaptermerge[quant]'") from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantize,

@@ -20,10 +20,10 @@ def plot_report(report: EvalReport, path: str | os.PathLike, title: str | None =
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        raise UsageError("`plot` needs matplotlib: pip install matplotlib") from None
     out = Path(path)
     if out.is_dir():
-        raise UsageError(f"--plot {out} is a folder; give a .png file name")
+        raise UsageError(f"`plot` {out} is a folder; give a .png file name")
     n_models, n_tasks = len(report.models), len(report.tasks)
     fig, axes = plt.subplots(
         len(report.metrics), 1, figsize=(max(6.0, 3.2 + n_tasks * (0.35 * n_models + 0.6)), 3.6 * len(report.metrics))

@@ -1,18 +1,26 @@
-"""Recipes: YAML files that replay a merge, in mergekit's vocabulary plus what adapters need.
+"""Recipes: YAML files that replay an output, in mergekit's vocabulary plus what adapters need. One home.
 
-Schema (``adaptermerge_recipe.yaml``)::
+Every output folder carries ``adaptermerge_recipe.yaml``; ``adaptermerge <operation> --recipe FILE -o OUT`` replays
+it. A recipe records each input with the SHA-256 of every file the operation reads, and a replay refuses inputs
+that changed since. The method's parameters are checked against its declaration in the registry.
+
+Combine / merge schema::
 
     adaptermerge_version: 0.1.0      # version that wrote it
-    operation: combine               # what to replay
-    merge_method: svd                # a registry name (adaptermerge.methods)
+    operation: combine               # or merge
+    merge_method: ties               # a registry name (adaptermerge.methods)
     base_model: meta-llama/Llama-3-8B
     dtype: float32                   # output storage dtype
-    compute_dtype: float32
-    parameters:                      # method-wide parameters
+    compute_dtype: float32           # combine only
+    parameters:                      # rank/energy, the method's own parameters, and the operation's options
       rank: 32
       energy: null
+      density: 0.5
       allow_different_base: false
-      base: /abs/path/to/base        # only when token rows needed the base checkpoint's rows
+      quantize: null                 # merge only
+      dequantize: false              # merge only
+    base: /abs/path/to/base          # merge; combine when it read a base (PiSSA inputs, token rows)
+    base_sha256: {config.json: ..., model.safetensors: ...}
     models:
       - model: /abs/path/to/adapter  # relative paths resolve against the recipe's folder
         parameters: {weight: 0.7}
@@ -22,117 +30,201 @@ Schema (``adaptermerge_recipe.yaml``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from adaptermerge.adapter import Adapter
 from adaptermerge.errors import IncompatibleAdapters, UsageError
-from adaptermerge.io.adapter import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from adaptermerge.io.files import sha256_files
 
 RECIPE_NAME = "adaptermerge_recipe.yaml"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+OPTION_KEYS = ("rank", "energy", "allow_different_base", "quantize", "dequantize")
 
 
-def input_hashes(folder: str | os.PathLike) -> dict[str, str]:
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def adapter_hashes(folder: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of the files that define an adapter."""
+    return sha256_files(folder, ADAPTER_FILES)
+
+
+def checkpoint_hashes(folder: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, str]:
+    """SHA-256 of the files of a checkpoint that an operation reads or copies (default: every top-level file)."""
     p = Path(folder)
-    return {f: file_sha256(p / f) for f in (CONFIG_NAME, WEIGHTS_NAME) if (p / f).is_file()}
+    if names is None:
+        names = [f.name for f in p.iterdir() if f.is_file() and not f.name.startswith(".")]
+    return sha256_files(p, names)
 
 
-def combine_recipe(result: Adapter) -> dict[str, Any]:
-    """The recipe that reproduces a :func:`adaptermerge.combine` result."""
+def check_unchanged(folder: str | os.PathLike, recorded: dict[str, str] | None) -> None:
+    """Refuse a replay whose input changed: every recorded file must exist with the recorded SHA-256."""
+    if not recorded:
+        return
+    now = sha256_files(folder, recorded)
+    for name, h in recorded.items():
+        if now.get(name) != h:
+            raise IncompatibleAdapters(
+                f"{Path(folder) / name} changed since the recipe was written (sha256 differs); it would not replay"
+            )
+
+
+def model_entries(sources: Sequence[str | os.PathLike | None], weights: Sequence[float]) -> list[dict[str, Any]]:
+    entries = []
+    for src, w in zip(sources, weights, strict=True):
+        entry: dict[str, Any] = {"model": str(src) if src else None, "parameters": {"weight": w}}
+        if src:
+            entry["sha256"] = adapter_hashes(src)
+        entries.append(entry)
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def method_recipe(
+    operation: str,
+    method: str,
+    models: list[dict[str, Any]],
+    parameters: dict[str, Any],
+    base_model: str | None,
+    dtype: str | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The common shape of combine and merge recipes."""
     from adaptermerge import __version__
 
-    prov = result.provenance
-    models = []
-    for path, w in zip(prov["inputs"], prov["weights"], strict=True):
-        entry: dict[str, Any] = {"model": path, "parameters": {"weight": w}}
-        if path is not None:
-            entry["sha256"] = input_hashes(path)
-        models.append(entry)
     return {
         "adaptermerge_version": __version__,
-        "operation": "combine",
-        "merge_method": prov["method"],
-        "base_model": result.base_model,
-        "dtype": prov["dtype"],
-        "compute_dtype": prov["compute_dtype"],
-        "parameters": {
-            "rank": prov["rank"],
-            "energy": prov["energy"],
-            "allow_different_base": bool(prov.get("allow_different_base", False)),
-        },
+        "operation": operation,
+        "merge_method": method,
+        "base_model": base_model,
+        "dtype": dtype,
+        **extra,
+        "parameters": parameters,
         "models": models,
-        **_base_entry(prov.get("base")),
     }
 
 
-def _base_entry(base: str | None) -> dict[str, Any]:
-    """The base a combine read (to convert PiSSA/OLoRA inputs, or for token rows), with hashes of its config and
-    index."""
-    if not base:
-        return {}
-    files = ("config.json", "model.safetensors.index.json")
-    return {"base": base, "base_sha256": {f: file_sha256(Path(base) / f) for f in files if (Path(base) / f).is_file()}}
+def combine_recipe(result: Any) -> dict[str, Any]:
+    """The recipe that reproduces a :func:`adaptermerge.combine` result (an :class:`~adaptermerge.Adapter`)."""
+    prov = result.provenance
+    params = {"rank": prov["rank"], "energy": prov["energy"], **prov.get("params", {})}
+    params["allow_different_base"] = bool(prov.get("allow_different_base", False))
+    extra: dict[str, Any] = {"compute_dtype": prov["compute_dtype"]}
+    if prov.get("base"):
+        extra.update(base=prov["base"], base_sha256=checkpoint_hashes(prov["base"]))
+    models = model_entries(prov["inputs"], prov["weights"])
+    return method_recipe("combine", prov["method"], models, params, result.base_model, prov["dtype"], **extra)
 
 
-def dump_recipe(recipe: dict[str, Any], operation: str = "combine") -> str:
+def dump_recipe(recipe: dict[str, Any], operation: str | None = None) -> str:
     """The recipe as YAML with a comment that says how to replay it."""
-    head = f"# adaptermerge recipe: replay with `adaptermerge {operation} --recipe THIS_FILE -o OUT`\n"
+    op = operation or recipe.get("operation", "combine")
+    head = f"# adaptermerge recipe: replay with `adaptermerge {op} --recipe THIS_FILE -o OUT`\n"
     return head + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def load_recipe(path: str | os.PathLike, check_hashes: bool = True) -> dict[str, Any]:
-    """Read and check a recipe; model paths come back absolute.
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_recipe(path: str | os.PathLike, operation: str) -> dict[str, Any]:
+    """Parse a recipe of ``operation`` (YAML, no code), with model and base paths made absolute.
 
     Raises:
-        UsageError: unreadable file or a field of the wrong form.
-        IncompatibleAdapters: an input changed since the recipe was written.
+        UsageError: unreadable file, another operation's recipe, or a field of the wrong form.
     """
     p = Path(path)
     try:
         recipe = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"cannot read recipe {p}: {' '.join(str(e).split())}") from None
-    if not isinstance(recipe, dict) or recipe.get("operation", "combine") != "combine":
-        raise UsageError(f"{p} is not an adaptermerge combine recipe (operation: combine)")
+    if not isinstance(recipe, dict) or recipe.get("operation", "combine") != operation:
+        raise UsageError(f"{p} is not an adaptermerge {operation} recipe (operation: {operation})")
     models = recipe.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) and m.get("model") for m in models):
         raise UsageError(f"{p}: 'models' must be a list of {{model: PATH, parameters: {{weight: W}}}}")
+    if not isinstance(recipe.get("parameters") or {}, dict):
+        raise UsageError(f"{p}: 'parameters' must be a mapping")
     for m in models:
-        mp = Path(m["model"])
-        if not mp.is_absolute():
-            mp = (p.parent / mp).resolve()
-        m["model"] = str(mp)
-        if check_hashes and m.get("sha256"):
-            now = input_hashes(mp) if mp.is_dir() else {}
-            for f, h in m["sha256"].items():
-                if now.get(f) != h:
-                    raise IncompatibleAdapters(
-                        f"{mp / f} changed since the recipe was written (sha256 differs); the merge would not replay"
-                    )
-    if (
-        check_hashes
-        and recipe.get("base")
-        and _base_entry(recipe["base"]).get("base_sha256") != recipe.get("base_sha256")
-    ):
-        raise IncompatibleAdapters(f"{recipe['base']} changed since the recipe was written; the merge would not replay")
+        m["model"] = str(_absolute(p, m["model"]))
+    if recipe.get("base"):
+        recipe["base"] = str(_absolute(p, recipe["base"]))
     return recipe
 
 
-def recipe_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for :func:`adaptermerge.combine` from a loaded recipe."""
-    params = recipe.get("parameters") or {}
+def _absolute(recipe_path: Path, path: str) -> Path:
+    mp = Path(path)
+    return mp if mp.is_absolute() else (recipe_path.parent / mp).resolve()
+
+
+def check_inputs(recipe: dict[str, Any]) -> None:
+    """Refuse a replay whose adapters or base changed since the recipe was written."""
+    for m in recipe["models"]:
+        check_unchanged(m["model"], m.get("sha256"))
+    if recipe.get("base"):
+        check_unchanged(recipe["base"], recipe.get("base_sha256"))
+
+
+def _method_arguments(recipe: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The method, rank/energy and the method's own parameters, checked against its declaration."""
+    from adaptermerge.methods.registry import get_method
+
+    params = dict(recipe.get("parameters") or {})
+    spec = get_method(str(recipe.get("merge_method", "linear")))
+    own = {k: v for k, v in params.items() if k not in OPTION_KEYS}
+    unknown = sorted(k for k in own if spec.param(k) is None)
+    if unknown:
+        raise UsageError(f"{path}: method {spec.name} has no parameter {unknown[0]!r}; the recipe is not valid")
+    return {"method": spec.name, "rank": params.get("rank"), "energy": params.get("energy"), **spec.resolve_params(own)}
+
+
+def load_recipe(path: str | os.PathLike, check_hashes: bool = True) -> dict[str, Any]:
+    """Read and check a combine recipe; model paths come back absolute.
+
+    Raises:
+        UsageError: unreadable file or a field of the wrong form.
+        IncompatibleAdapters: an input changed since the recipe was written.
+    """
+    recipe = read_recipe(path, "combine")
+    if check_hashes:
+        check_inputs(recipe)
+    return recipe
+
+
+def recipe_arguments(recipe: dict[str, Any], path: str | os.PathLike = RECIPE_NAME) -> dict[str, Any]:
+    """Keyword arguments for :func:`adaptermerge.combine` from a loaded combine recipe."""
     models = recipe["models"]
+    params = recipe.get("parameters") or {}
     return {
         "adapters": [m["model"] for m in models],
         "weights": [float((m.get("parameters") or {}).get("weight", 1.0 / len(models))) for m in models],
-        "method": recipe.get("merge_method", "linear"),
-        "rank": params.get("rank"),
-        "energy": params.get("energy"),
+        **_method_arguments(recipe, path),
         "dtype": recipe.get("dtype"),
         "compute_dtype": recipe.get("compute_dtype", "float32"),
         "allow_different_base": bool(params.get("allow_different_base", False)),
         "base": recipe.get("base"),
+    }
+
+
+def load_merge_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Keyword arguments for :func:`adaptermerge.merge_into_base` from a merge recipe (every input file checked)."""
+    recipe = read_recipe(path, "merge")
+    if not recipe.get("base"):
+        raise UsageError(f"{path} is not an adaptermerge merge recipe (it names no base)")
+    check_inputs(recipe)
+    params = recipe.get("parameters") or {}
+    weights = [float((m.get("parameters") or {}).get("weight", 1.0)) for m in recipe["models"]]
+    return {
+        "base": recipe["base"],
+        "adapters": [m["model"] for m in recipe["models"]],
+        "weights": None if weights == [1.0] else weights,
+        **_method_arguments(recipe, path),
+        "dtype": recipe.get("dtype"),
+        "quantize": params.get("quantize"),
+        "dequantize": bool(params.get("dequantize", False)),
+        "allow_different_base": bool(params.get("allow_different_base", False)),
     }

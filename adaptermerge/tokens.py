@@ -79,7 +79,7 @@ def combine_token_rows(
                 raise UsageError(
                     f"token {t} of {name}: the weights of the adapters that train it sum to {float(wsum[need[0]]):g}, "
                     "not 1, so its combined row needs the base model's own row; pass the base checkpoint "
-                    "(base=... / --base FOLDER)"
+                    "(`base`)"
                 )
             base = base_rows(name, [ids[int(p)] for p in need]).double()
             acc[need] += rest[need].unsqueeze(1) * base

@@ -47,6 +47,7 @@ from torch import nn
 
 import adaptermerge
 from adaptermerge import load_adapter, save_combined
+from adaptermerge.dtypes import dtype_name
 from adaptermerge.lowrank import factored_svd, stack_factors
 
 # Goals stated by the issue.
@@ -365,7 +366,7 @@ def bench_llama(n_layers: int, r: int, dtype: torch.dtype, tmp: Path) -> dict[st
     return {
         "layers": n_layers,
         "rank": r,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "modules_per_adapter": n_layers * len(LLAMA_7B),
         "input_mib": size_mib,
         "output_mib": (out / "adapter_model.safetensors").stat().st_size / 2**20,

@@ -129,7 +129,7 @@ class AppGroup(click.Group):
         except AdapterMergeError as e:
             if debug:
                 raise
-            click.echo(f"error: {_one_line(str(e))}", err=True)
+            click.echo(f"error: {cli_message(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; no output was written", err=True)
@@ -154,6 +154,28 @@ class AppGroup(click.Group):
 
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
+
+
+def cli_message(msg: str) -> str:
+    """A library message as the CLI says it: the library names its parameters in backticks (`allow_different_base`),
+    the CLI names the option that sets them (--allow-different-base). One line."""
+    flags = _option_flags()
+
+    def flag(m: re.Match) -> str:
+        return flags.get(m.group(1), m.group(1))
+
+    return _one_line(re.sub(r"`([a-z_][a-z0-9_]*)`", flag, msg))
+
+
+def _option_flags() -> dict[str, str]:
+    """Python parameter name -> the long option that sets it, over every command."""
+    out: dict[str, str] = {}
+    for cmd in [cli, *cli.commands.values()]:
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name and p.name not in out:
+                longs = [o for o in p.opts if o.startswith("--")]
+                out[p.name] = longs[0] if longs else p.opts[0]
+    return out
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:

@@ -109,7 +109,7 @@ def merge_cmd(
 
     if recipe_path:
         refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize)
-        from adaptermerge.surgery.card import load_merge_recipe
+        from adaptermerge.recipe import load_merge_recipe
 
         kwargs = load_merge_recipe(recipe_path)
     else:
@@ -235,7 +235,7 @@ def extract_cmd(
       adaptermerge extract ./Llama-3-8B ./Llama-3-8B-finetuned --rank 64 -o ./extracted
       adaptermerge extract ./base ./tuned --energy 0.9 --rank 128 --skip-undecomposable -o ./extracted
     """
-    from adaptermerge.combination import resolve_dtype
+    from adaptermerge.dtypes import resolve_dtype
     from adaptermerge.io.atomic import check_output_path
     from adaptermerge.surgery.extract import extract_lora, save_extracted
 
@@ -294,7 +294,7 @@ def convert_cmd(
       adaptermerge convert ./pissa-niter-adapter --initial-adapter ./pissa-init -o ./as-lora
       adaptermerge convert --recipe ./pissa-as-lora/adaptermerge_recipe.yaml -o ./again
     """
-    from adaptermerge.combination import resolve_dtype
+    from adaptermerge.dtypes import resolve_dtype
     from adaptermerge.errors import UsageError
     from adaptermerge.io.atomic import check_output_path
     from adaptermerge.surgery.init_conversion import convert_to_plain_lora, load_convert_recipe, save_converted

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from adaptermerge.dtypes import TORCH_TO_ST
 from adaptermerge.io.safetensors_header import read_header
-from adaptermerge.io.stream import TORCH_TO_ST, PlannedTensor, ShardWriter, read_rows, read_tensor
+from adaptermerge.io.stream import PlannedTensor, ShardWriter, read_rows, read_tensor
 
 
 def plan_of(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:

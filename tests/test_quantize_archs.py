@@ -154,7 +154,7 @@ def test_float16_upcast_refused_then_bfloat16_works(root: Path, tmp_path: Path) 
     get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False)).save_pretrained(
         tmp_path / "a"
     )
-    with pytest.raises(UnsupportedArchitecture, match=r"wo\.weight in float32.*--dtype"):
+    with pytest.raises(UnsupportedArchitecture, match=r"wo\.weight in float32.*`dtype`"):
         merge_into_base(tmp_path / "base", tmp_path / "a", tmp_path / "out", quantize="nf4")
     assert not (tmp_path / "out").exists()
     merge_into_base(tmp_path / "base", tmp_path / "a", tmp_path / "out", quantize="nf4", dtype="bfloat16")

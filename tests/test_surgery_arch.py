@@ -107,7 +107,7 @@ def test_dequantize_needs_the_layer_kinds(tmp_path: Path) -> None:
     base = renamed(tmp_path / "q", tmp_path / "base", architectures=["MyGPTForCausalLM"])
     a = make_adapter(tmp_path / "a", tiny_gpt2, r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     merge_into_base(base, a, tmp_path / "merged")
-    with pytest.raises(UnsupportedArchitecture, match="--dequantize needs each weight.s layer type"):
+    with pytest.raises(UnsupportedArchitecture, match="`dequantize` needs each weight.s layer type"):
         merge_into_base(base, a, tmp_path / "deq", dequantize=True)
     assert not (tmp_path / "deq").exists()
 

@@ -471,7 +471,7 @@ def test_fp16_overflow_refused(tmp_path: Path) -> None:
     sd[key].fill_(300.0)  # |B @ A| ~ 300 * 4 * 32 / 4: above 65504 in fp16, fine in fp32
     sd[key.replace("lora_B", "lora_A")].fill_(200.0)
     save_file(sd, str(a / "adapter_model.safetensors"))
-    with pytest.raises(NumericalError, match=r"layers\.1.*float16.*--dtype"):
+    with pytest.raises(NumericalError, match=r"layers\.1.*float16.*`dtype`"):
         merge_into_base(base, a, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     merge_into_base(base, a, tmp_path / "out32", dtype="float32")  # the advice works
@@ -482,7 +482,7 @@ def test_small_buffers_change_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     """Staging buffers far smaller than a tensor change no byte; small row chunks and mapped blocks change at
     most the last bf16 bit (BLAS sums the rank terms in a blocking-dependent order)."""
     from adaptermerge.io.stream import ShardWriter
-    from adaptermerge.surgery import merge as merge_mod
+    from adaptermerge.surgery import executor as merge_mod
 
     base = save_base(tiny_llama(dtype=torch.bfloat16), tmp_path / "base")
     a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj", "down_proj", "embed_tokens"])
@@ -504,14 +504,14 @@ def test_small_buffers_change_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_threads_default_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU merge leaves one core to the writer thread, then restores torch's setting; threads= overrides."""
-    from adaptermerge.surgery import merge as merge_mod
+    from adaptermerge.surgery import executor as merge_mod
 
     base = save_base(tiny_llama(), tmp_path / "base")
     a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
     seen = []
-    real = merge_mod._Executor.write_shard
+    real = merge_mod.Executor.write_shard
     monkeypatch.setattr(
-        merge_mod._Executor, "write_shard", lambda self, *x: (seen.append(torch.get_num_threads()), real(self, *x))
+        merge_mod.Executor, "write_shard", lambda self, *x: (seen.append(torch.get_num_threads()), real(self, *x))
     )
     before = torch.get_num_threads()
     torch.set_num_threads(3)
@@ -553,7 +553,7 @@ def test_dtype_conversion_overflow_refused(tmp_path: Path) -> None:
     sd["model.norm.weight"][0] = 1e6
     save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
     a = make_adapter(tmp_path / "a", tiny_llama, r=4, target_modules=["q_proj"])
-    with pytest.raises(NumericalError, match=r"model\.norm\.weight.*--dtype"):
+    with pytest.raises(NumericalError, match=r"model\.norm\.weight.*`dtype`"):
         merge_into_base(base, a, tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
     merge_into_base(base, a, tmp_path / "out", dtype="bfloat16")  # wide enough

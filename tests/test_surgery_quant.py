@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptermerge.dtypes import dtype_name
+
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -255,9 +257,9 @@ def test_float_quant_storage_merges_like_uint8(work: Path, storage: torch.dtype)
         assert torch.equal(v.reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), k
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert model.model.layers[0].mlp.down_proj.weight.dtype == storage
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_storage"] == str(
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_storage"] == dtype_name(
         storage
-    ).replace("torch.", "")
+    )
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=input_ids()).logits).all()
     merge_into_base(base, work / "adapter", work / f"storage-deq-{storage}", dequantize=True)

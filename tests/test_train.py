@@ -157,7 +157,7 @@ def test_resume_continues_from_the_checkpoint(work: Path, tmp_path: Path) -> Non
         train_adapter(work / "base", work / "upper.jsonl", out, progress=False, callbacks=[_Crash()], **kw)
     ckpt = tmp_path / "resumed.checkpoints"
     assert not out.exists() and (ckpt / "checkpoint-2").is_dir()
-    with pytest.raises(UsageError, match="pass --resume"):
+    with pytest.raises(UsageError, match="pass `resume`"):
         train_adapter(work / "base", work / "upper.jsonl", out, progress=False, **kw)
     with pytest.raises(UsageError, match="different lr"):
         train_adapter(work / "base", work / "upper.jsonl", out, resume=True, **{**kw, "lr": 1e-3})
@@ -211,10 +211,10 @@ def test_anti_pattern_warnings() -> None:
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
-        ({"rank": 0}, "--rank must be a positive integer"),
+        ({"rank": 0}, "`rank` must be a positive integer"),
         ({"lr": -1.0}, "must be positive"),
-        ({"quantize": "int8"}, "--quantize must be one of"),
-        ({"targets": "nothing_like_this"}, "--targets"),
+        ({"quantize": "int8"}, "`quantize` must be one of"),
+        ({"targets": "nothing_like_this"}, "`targets`"),
         ({"bogus": 1}, "unknown training parameters"),
     ],
 )

@@ -296,7 +296,7 @@ def test_combine_is_the_weighted_sum_of_row_changes(tmp_path: Path, method: str)
     b = token_adapter(tmp_path / "b", tiny_llama, seed=2, trainable_token_indices=[7, 11])
     base = save_base(tiny_llama(0), tmp_path / "base")
     w = [0.6, 0.3]  # token 7: both adapters (0.9); 5, 9: a only; 11: b only -> every row needs the base row
-    with pytest.raises(UsageError, match="needs the base model's own row.*--base"):
+    with pytest.raises(UsageError, match="needs the base model.s own row.*`base`"):
         adaptermerge.combine([a, b], w, method=method)
     res = adaptermerge.combine([a, b], w, method=method, base=base)
     tr = res.token_rows["model.embed_tokens"]

@@ -293,9 +293,9 @@ def test_adapters_from_different_bases_are_not_combinable(work: Path, tmp_path: 
 def test_weights_count_and_misplaced_options_are_usage_errors(work: Path) -> None:
     with pytest.raises(UsageError):
         adaptermerge.validate(work / "a", adapters=[work / "b"], weights=[1.0])
-    with pytest.raises(UsageError, match="--tolerance"):
+    with pytest.raises(UsageError, match="`tolerance`"):
         adaptermerge.validate(work / "a", tolerance=0.1)
-    with pytest.raises(UsageError, match="--for"):
+    with pytest.raises(UsageError, match="`target`"):
         adaptermerge.validate(work / "a", target="tgi")
     res = CliRunner().invoke(cli, ["validate", str(work / "a"), "--adapter", str(work / "b"), "--weights", "1"])
     assert res.exit_code == 2 and res.stderr.startswith("error:")

@@ -8,7 +8,6 @@ which every loader, vLLM included, reads correctly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -102,15 +101,6 @@ def _is_saved_base_tensor(config: dict[str, Any], name: str) -> bool:
         return True
     mts = config.get("modules_to_save") or []
     return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in mts)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 8 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_config(folder: Path, raw_init: bool = False) -> dict[str, Any]:

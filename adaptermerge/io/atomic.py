@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from adaptermerge.errors import OutputExistsError, UsageError
+from adaptermerge.io.files import fsync_file
 
 
 def check_output_path(
@@ -25,7 +26,7 @@ def check_output_path(
         if not out_p.is_dir():
             raise OutputExistsError(f"output {out} exists and is not a folder; remove it or choose another path")
         if any(out_p.iterdir()) and not overwrite:
-            raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+            raise OutputExistsError(f"output folder {out} exists and is not empty; pass `overwrite` to replace it")
     return out_p
 
 
@@ -43,9 +44,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+class Staging(type(Path())):  # type: ignore[misc]
+    """The temporary folder :func:`atomic_dir` yields: a Path that also records files already made durable."""
+
+    synced: set[str]
+
+    def mark_synced(self, path: str | os.PathLike) -> None:
+        """``path`` (inside this folder) was fsynced by its writer: the final sync skips it."""
+        self.synced.add(str(Path(path).resolve()))
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Staging]:
+    """Yield a temporary sibling folder; on success every file in it is fsynced once (those its writers already
+    synced are skipped) and it replaces ``out`` in one rename.
 
     A crash or an exception leaves ``out`` untouched and removes the temporary folder, so no
     half-written output ever carries the final name.
@@ -53,19 +65,16 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out_p = Path(out).resolve()
     check_output_path(out_p, overwrite=overwrite)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.partial-", dir=out_p.parent))
+    tmp = Staging(tempfile.mkdtemp(prefix=f".{out_p.name}.partial-", dir=out_p.parent))
+    tmp.synced = set()
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
         for f in tmp.rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if f.is_file() and str(f.resolve()) not in tmp.synced:
+                fsync_file(f)
         if out_p.exists() and _exchange(tmp, out_p):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced output
             return

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptermerge.dtypes import NAMES, STORAGE_NAMES
 from adaptermerge.errors import InvalidCheckpoint, NumericalError
 
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
@@ -48,7 +49,6 @@ VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes absmax in blocks of 256
 # Candidate scale factors c (scale = c * absmax) tried per block by optimize_scales.
 DEFAULT_SCALE_GRID: tuple[float, ...] = tuple(round(0.70 + 0.025 * i, 3) for i in range(15))  # 0.70 .. 1.05
-_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHUNK_ELEMENTS = 1 << 21  # blocks are processed in chunks of about this many values (bounds memory)
 
 
@@ -216,8 +216,8 @@ def read_spec(tensors: dict[str, torch.Tensor], weight_name: str) -> QuantSpec:
         raise InvalidCheckpoint(f"{key} lacks or mangles a field ({e}); the checkpoint is corrupt") from None
     if blocksize not in VALID_BLOCKSIZES:
         raise InvalidCheckpoint(f"{key}: block size {blocksize} is not one bitsandbytes supports {VALID_BLOCKSIZES}")
-    if dtype_name not in _FLOAT_DTYPES:
-        raise InvalidCheckpoint(f"{key}: dtype {dtype_name!r} is not one of {sorted(_FLOAT_DTYPES)}")
+    if dtype_name not in STORAGE_NAMES:
+        raise InvalidCheckpoint(f"{key}: dtype {dtype_name!r} is not one of {sorted(STORAGE_NAMES)}")
     nested = "nested_blocksize" in state or "nested_offset" in state
     nested_bs: int | None = None
     if nested:
@@ -231,7 +231,7 @@ def read_spec(tensors: dict[str, torch.Tensor], weight_name: str) -> QuantSpec:
             raise InvalidCheckpoint(f"{weight_name}.nested_quant_map must hold 256 values; the checkpoint is corrupt")
     elif weight_name + ".nested_absmax" in tensors:
         raise InvalidCheckpoint(f"{weight_name} has nested_absmax but its quant state is not nested; it is corrupt")
-    spec = QuantSpec(qt, blocksize, nested, nested_bs, _FLOAT_DTYPES[dtype_name], shape, packed.dtype)
+    spec = QuantSpec(qt, blocksize, nested, nested_bs, NAMES[dtype_name], shape, packed.dtype)
     if packed.numel() * packed.element_size() != -(-spec.numel // 2):
         raise InvalidCheckpoint(
             f"{weight_name} holds {packed.numel() * packed.element_size()} packed bytes but shape {shape} "

@@ -17,21 +17,8 @@ from typing import BinaryIO
 
 import torch
 
+from adaptermerge.dtypes import ST_TO_TORCH, TORCH_TO_ST
 from adaptermerge.io.safetensors_header import DTYPE_SIZES, TensorInfo
-
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-for _st, _name in (
-    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
-):  # fmt: skip
-    if hasattr(torch, _name):  # torch >= 2.3
-        ST_TO_TORCH[_st] = getattr(torch, _name)
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def read_tensor(fh: BinaryIO, info: TensorInfo) -> torch.Tensor:

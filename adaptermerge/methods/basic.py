@@ -8,22 +8,25 @@ decides the output rank. Scaling is already folded into every ``A``.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from adaptermerge.errors import IncompatibleAdapters
-from adaptermerge.lowrank import LowRank, stack_factors
-from adaptermerge.methods.registry import Method, register
+from adaptermerge.methods._lazy import torch
+from adaptermerge.methods.registry import BaseMerge, Kind, Method, RankRule, register
 
-Terms = list[tuple[float, LowRank]]
+if TYPE_CHECKING:
+    from adaptermerge.lowrank import LowRank
+
+Terms = list[tuple[float, "LowRank"]]
 
 
 def weighted_stack(terms: Terms, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``B_cat = [B_1 | B_2 | ...]``, ``A_cat = [w_1 A_1; w_2 A_2; ...]``: ``B_cat A_cat = sum_i w_i B_i A_i``."""
+    from adaptermerge.lowrank import stack_factors
+
     return stack_factors(
         [(w, m.A, m.B) for w, m in terms],
-        dtype=params.get("compute_dtype", torch.float32),
+        dtype=params.get("compute_dtype") or torch.float32,
         device=params.get("device", "cpu"),
     )
 
@@ -36,13 +39,13 @@ def peft_factor_linear(terms: Terms, params: dict[str, Any]) -> tuple[torch.Tens
     For embeddings PEFT's ``A`` is ``lora_embedding_A``, which is our canonical ``B`` transposed, so
     the sign goes to our ``B`` side there.
     """
-    dtype = params.get("compute_dtype", torch.float32)
+    dtype = params.get("compute_dtype") or torch.float32
     device = params.get("device", "cpu")
     ranks = {m.rank for _, m in terms}
     if len(ranks) != 1:
         raise IncompatibleAdapters(
             f"factor-linear (PEFT's 'linear') needs equal ranks per module, got {sorted(ranks)}; "
-            "use --method linear (exact) or svd instead"
+            "use `method` linear (exact) or svd instead"
         )
     a_sum = b_sum = None
     for w, m in terms:
@@ -67,8 +70,9 @@ register(
         paper=None,
         url=None,
         formula="delta = sum_i w_i * s_i * B_i @ A_i  (factored SVD keeps every singular value above rounding)",
-        space="factored",
-        refactor="lossless",
+        kind=Kind.FACTORED,
+        rank_rule=RankRule.EXACT,
+        base_merge=BaseMerge.STACKED,
         fn=weighted_stack,
     )
 )
@@ -79,8 +83,9 @@ register(
         paper="PEFT add_weighted_adapter(combination_type='cat')",
         url="https://huggingface.co/docs/peft/main/en/package_reference/lora#peft.LoraModel.add_weighted_adapter",
         formula="A' = [w_1 s_1 A_1; w_2 s_2 A_2; ...],  B' = [B_1 | B_2 | ...]  =>  B'A' = sum_i w_i s_i B_i A_i",
-        space="factored",
-        refactor="none",
+        kind=Kind.FACTORED,
+        rank_rule=RankRule.KEEP,
+        base_merge=BaseMerge.STACKED,
         fn=weighted_stack,
     )
 )
@@ -91,8 +96,9 @@ register(
         paper="Eckart & Young (1936), The approximation of one matrix by another of lower rank",
         url="https://doi.org/10.1007/BF02288367",
         formula="delta_k = U_k S_k V_k^T of sum_i w_i s_i B_i A_i;  k = --rank (default: largest input rank) or the smallest k keeping --energy of ||delta||_F^2",
-        space="factored",
-        refactor="truncate",
+        kind=Kind.FACTORED,
+        rank_rule=RankRule.BEST_RANK,
+        base_merge=BaseMerge.ADAPTER,
         fn=weighted_stack,
     )
 )
@@ -103,8 +109,10 @@ register(
         paper="PEFT add_weighted_adapter(combination_type='linear'); see PEFT issue #3004",
         url="https://github.com/huggingface/peft/issues/3004",
         formula="A' = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i,  B' = sum_i sqrt(|w_i s_i|) B_i  (B'A' != sum_i w_i s_i B_i A_i)",
-        space="factored",
-        refactor="none",
+        kind=Kind.FACTORED,
+        rank_rule=RankRule.KEEP,
+        base_merge=BaseMerge.ADAPTER,
         fn=peft_factor_linear,
+        reports_error=True,
     )
 )

@@ -1,11 +1,20 @@
-"""The method registry: every method declares its name, paper, parameters and output-rank rule.
+"""The method registry: every merge method is a declaration, and the only dispatch.
 
-The CLI's ``--method`` choices, the recipe schema and docs/methods.md are generated from these
-declarations; no code branches on method names elsewhere.
+A method declares its name, paper, formula, the kind of function it is, its output-rank rule, what a base merge
+may use instead of re-factoring, and its parameters (:class:`Param`: name, type, default, range, help). From
+these declarations come the CLI's ``--method`` choices and method options, the recipe schema (checked when a
+recipe is loaded), the per-method rules of :func:`adaptermerge.combine`, and ``docs/methods.md``. Adding a
+method is one new module in ``adaptermerge/methods/`` that calls :func:`register`; nothing else changes.
+
+This module imports neither torch nor the method modules at import time, so ``--help`` stays fast; the method
+modules are imported the first time the registry is read.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,14 +22,84 @@ from typing import Any
 from adaptermerge.errors import UsageError
 
 
+class Kind(enum.Enum):
+    """What the method's function consumes and returns, for one module."""
+
+    FACTORED = "factored"  # fn(terms: [(w_i, LowRank_i)], params: dict) -> (B, A) stacked factors
+    ELEMENTWISE = "elementwise"  # fn(tensors: [Tensor], weights: [float], params: dict, generator) -> Tensor
+
+
+class RankRule(enum.Enum):
+    """How the method's result becomes the output adapter's factors (``--rank``/``--energy`` per rule)."""
+
+    KEEP = "keep"  # the factors as the method returns them (no --rank/--energy)
+    EXACT = "exact"  # the exact result at its numerical rank; --rank/--energy truncate it
+    BEST_RANK = "best-rank"  # best rank-k (Eckart-Young); k = --rank (default: the largest input rank) or --energy
+    REFACTOR = "refactor"  # a result of any rank re-factored; k = --rank (default: sum of input ranks) or --energy
+
+
+class BaseMerge(enum.Enum):
+    """What ``adaptermerge merge BASE a b --method M`` adds to the base."""
+
+    STACKED = "stacked"  # the exact stacked factors, never decomposed (the dense delta is formed per module)
+    ADAPTER = "adapter"  # the combined adapter, as combine returns it (with its rank rule)
+    DENSE = "dense"  # the per-module dense result, added straight into the base (nothing lost to re-factoring)
+
+
 @dataclass(frozen=True)
 class Param:
-    """One tunable parameter of a method."""
+    """One parameter of a method: a CLI option ``--name`` and a recipe ``parameters`` entry.
+
+    ``type`` is ``int``, ``float``, ``bool`` or ``str``; ``low``/``high`` bound numbers (``open_low`` excludes the
+    bound); ``choices`` restricts strings.
+    """
 
     name: str
     type: type
     default: Any
     help: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """The value as this parameter's type, or a :class:`UsageError` naming the option and the range."""
+        if value is None:
+            return None
+        try:
+            if self.type is bool:
+                if not isinstance(value, bool):
+                    raise ValueError
+                v: Any = value
+            elif self.type is int:
+                if isinstance(value, bool) or int(value) != float(value):
+                    raise ValueError
+                v = int(value)
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{self.option} must be {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and v not in self.choices:
+            raise UsageError(f"{self.option} must be one of {', '.join(self.choices)}, got {v!r}")
+        if self.low is not None and (v < self.low or (self.open_low and v == self.low)):
+            raise UsageError(f"{self.option} must be {'>' if self.open_low else '>='} {self.low:g}, got {v}")
+        if self.high is not None and v > self.high:
+            raise UsageError(f"{self.option} must be <= {self.high:g}, got {v}")
+        return v
+
+    def range_text(self) -> str:
+        if self.choices:
+            return " | ".join(self.choices)
+        if self.low is None and self.high is None:
+            return ""
+        lo = "" if self.low is None else f"{self.low:g} {'<' if self.open_low else '<='} "
+        hi = "" if self.high is None else f" <= {self.high:g}"
+        return f"{lo}x{hi}"
 
 
 @dataclass(frozen=True)
@@ -33,14 +112,15 @@ class Method:
         paper: citation, or ``None`` for plain linear algebra.
         url: link to the paper or reference implementation.
         formula: the definition, as printed in docs/methods.md.
-        space: ``factored`` methods map per-module factor lists to stacked factors; ``delta`` methods
-            work on dense per-module deltas (elementwise methods such as TIES/DARE).
-        refactor: output-rank rule applied after the method: ``none`` (keep the stacked factors),
-            ``lossless`` (factored SVD to the numerical rank, or truncate when a rank/energy is given),
-            ``truncate`` (factored SVD to ``rank``/``energy``, default rank = largest input rank).
-        fn: the pure function. For ``factored`` methods:
-            ``fn(terms: list[tuple[float, LowRank]], params: dict) -> tuple[B, A]``.
-        params: extra parameters the method takes.
+        kind: what ``fn`` consumes and returns (:class:`Kind`).
+        rank_rule: how the result becomes factors (:class:`RankRule`).
+        base_merge: what a merge into a base adds (:class:`BaseMerge`).
+        fn: the pure function (see :class:`Kind`).
+        params: the method's own parameters (besides weights, ``--rank`` and ``--energy``).
+        reports_error: the result is not the exact weighted sum by design (PEFT's factor-wise ``linear``): each
+            module's relative error against the exact sum is measured and reported.
+        spaces: for elementwise methods, the exact spaces it runs in (``delta``, ``core``, ``knots``).
+        data: what else the method needs beyond adapters (``()`` for data-free methods).
     """
 
     name: str
@@ -48,13 +128,38 @@ class Method:
     paper: str | None
     url: str | None
     formula: str
-    space: str
-    refactor: str
+    kind: Kind
+    rank_rule: RankRule
+    base_merge: BaseMerge
     fn: Callable[..., Any]
     params: tuple[Param, ...] = field(default_factory=tuple)
+    reports_error: bool = False
+    spaces: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Every declared parameter with its value (given, else the default); refuses parameters it lacks."""
+        unknown = sorted(k for k, v in given.items() if v is not None and self.param(k) is None)
+        if unknown:
+            opts = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            takes = ", ".join(p.option for p in self.params) or "no method options"
+            raise UsageError(f"method {self.name} does not take {opts} (it takes {takes})")
+        out = {}
+        for p in self.params:
+            v = p.check(given.get(p.name))
+            out[p.name] = p.default if v is None else v
+        return out
+
+    @property
+    def takes_rank(self) -> bool:
+        return self.rank_rule is not RankRule.KEEP
 
 
 METHODS: dict[str, Method] = {}
+_LOADED = False
 
 
 def register(method: Method) -> Method:
@@ -65,10 +170,22 @@ def register(method: Method) -> Method:
     return method
 
 
+def _load() -> None:
+    """Import every module of ``adaptermerge.methods`` once: each registers its methods."""
+    global _LOADED
+    if _LOADED:
+        return
+    import adaptermerge.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _LOADED = True
+
+
 def get_method(name: str) -> Method:
     """Look up a method by name, with a usage error that lists the choices."""
-    from adaptermerge.methods import basic  # noqa: F401  (registers the built-ins)
-
+    _load()
     try:
         return METHODS[name]
     except KeyError:
@@ -76,6 +193,56 @@ def get_method(name: str) -> Method:
 
 
 def method_names() -> list[str]:
-    from adaptermerge.methods import basic  # noqa: F401
-
+    _load()
     return sorted(METHODS)
+
+
+def all_params() -> dict[str, list[tuple[Param, str]]]:
+    """Every parameter name -> the (declaration, method name) pairs that take it (for CLI options and docs)."""
+    _load()
+    out: dict[str, list[tuple[Param, str]]] = {}
+    for m in METHODS.values():
+        for p in m.params:
+            out.setdefault(p.name, []).append((p, m.name))
+    return out
+
+
+def methods_markdown() -> str:
+    """docs/methods.md's method sections, generated from the declarations (a test keeps the page current)."""
+    _load()
+    parts = []
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        lines = [f"## `{m.name}`", "", m.title + ".", "", "```", m.formula, "```", ""]
+        if m.paper:
+            lines.append(f"- Reference: {m.paper}" + (f" — {m.url}" if m.url else ""))
+        lines.append(f"- Output rank: {_RANK_TEXT[m.rank_rule]}")
+        lines.append(f"- Merged into a base: {_BASE_TEXT[m.base_merge]}")
+        if m.spaces:
+            lines.append(f"- Spaces: {', '.join(f'`{s}`' for s in m.spaces)} (`--space`)")
+        if m.data:
+            lines.append(f"- Needs: {', '.join(m.data)}")
+        if m.reports_error:
+            lines.append("- Reports each module's relative error against the exact weighted sum.")
+        if m.params:
+            lines += ["", "| option | type | default | range | meaning |", "|---|---|---|---|---|"]
+            for p in m.params:
+                rng = p.range_text()
+                lines.append(f"| `{p.option}` | {p.type.__name__} | `{p.default}` | {rng} | {p.help} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+_RANK_TEXT = {
+    RankRule.KEEP: "the stacked factors as they are (sum of the input ranks); `--rank`/`--energy` do not apply",
+    RankRule.EXACT: "the exact result at its numerical rank; `--rank`/`--energy` truncate it (best approximation)",
+    RankRule.BEST_RANK: "best rank-k approximation; k = `--rank` (default: the largest input rank) or the smallest "
+    "rank keeping `--energy` of the squared Frobenius norm",
+    RankRule.REFACTOR: "re-factored to `--rank` (default: the sum of the input ranks, capped at the module size; "
+    "exact at full size) or `--energy`; the kept energy is reported per module",
+}
+_BASE_TEXT = {
+    BaseMerge.STACKED: "the exact stacked factors (no decomposition)",
+    BaseMerge.ADAPTER: "the combined adapter (its rank rule applies)",
+    BaseMerge.DENSE: "the dense per-module result, added straight into the base",
+}

@@ -199,7 +199,7 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
         model = _meta_model(config_key)
     except _NoModel as e:
         raise UnsupportedArchitecture(
-            f"--quantize follows transformers' 4-bit rules for the model class, but {e}; merge without --quantize"
+            f"`quantize` follows transformers' 4-bit rules for the model class, but {e}; merge without `quantize`"
         ) from None
     cls_name = type(model).__name__
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True)
@@ -211,7 +211,7 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
     except Exception as e:  # noqa: BLE001 - transformers' own quantizer fails on this class
         raise UnsupportedArchitecture(
             f"transformers' 4-bit quantizer fails on {cls_name} ({type(e).__name__}: {str(e)[:120]}); "
-            "merge without --quantize"
+            "merge without `quantize`"
         ) from None
     converted = {
         name + ".weight": "conv1d" if issubclass(mod.source_cls, Conv1D) else "linear"
@@ -223,7 +223,7 @@ def _bnb_choice(config_key: str, present: frozenset[str], quant_type: str, dtype
     if missing:
         raise UnsupportedArchitecture(
             f"transformers quantizes the layer {missing[0][: -len('.weight')]} of {cls_name}, but the checkpoint does "
-            "not store its weight under that name (transformers renames it when loading); --quantize cannot "
+            "not store its weight under that name (transformers renames it when loading); `quantize` cannot "
             "mirror that: quantize with transformers (from_pretrained with a BitsAndBytesConfig) instead"
         )
     return Bnb4bitChoice(cls_name, mapped, upcast, sorted(quantizer.modules_to_not_convert))

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
-from adaptermerge.combination import resolve_device
+from adaptermerge.dtypes import FLOAT_DTYPES, resolve_device
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import open_checkpoint
-from adaptermerge.io.stream import FLOAT_DTYPES, read_tensor
+from adaptermerge.io.stream import read_tensor
 from adaptermerge.lowrank import LowRank, energy_rank
 from adaptermerge.surgery.arch import weight_layouts
 
@@ -136,9 +136,9 @@ def extract_lora(
             layer kinds (Linear, Conv1D, Embedding) are unknown.
     """
     if rank is None and energy is None:
-        raise UsageError("give --rank K or --energy F (or both)")
+        raise UsageError("give `rank` K or `energy` F (or both)")
     if rank is not None and rank < 1:
-        raise UsageError("--rank must be a positive integer")
+        raise UsageError("`rank` must be a positive integer")
     dev = resolve_device(device)
     cb, ct = open_checkpoint(base), open_checkpoint(tuned)
     kb, kt = set(cb.weight_map), set(ct.weight_map)

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import dtype_name
 from adaptermerge.errors import (
     IncompatibleAdapters,
     InvalidAdapter,
@@ -43,8 +44,8 @@ from adaptermerge.errors import (
     UnsupportedAdapter,
     UsageError,
 )
-from adaptermerge.io.adapter import CONFIG_NAME, file_sha256, load_adapter, save_adapter
-from adaptermerge.io.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from adaptermerge.io.adapter import CONFIG_NAME, load_adapter, save_adapter
+from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.io.peft_config import (
     BASE_CHANGING_INITS,
     INITIAL_FACTOR_INITS,
@@ -55,8 +56,8 @@ from adaptermerge.io.peft_config import (
 )
 from adaptermerge.io.stream import read_tensor
 from adaptermerge.lowrank import LowRank
+from adaptermerge.recipe import RECIPE_NAME
 
-RECIPE_NAME = "adaptermerge_recipe.yaml"
 # singular values r and r+1 closer than this (relative to the largest) make PiSSA's top-r subspace ill-defined
 PISSA_GAP_WARNING = 1e-3
 
@@ -205,7 +206,7 @@ def _initial_terms(raw: Adapter, kind: str, initial: str | os.PathLike | Adapter
     init = initial if isinstance(initial, Adapter) else load_adapter(initial, raw_init=True)
     where = str(init.source) if init.source is not None else "the initial adapter"
     if init.source is not None and raw.source is not None and init.source == raw.source:
-        raise UsageError("--initial-adapter is the adapter itself; give the folder saved before training")
+        raise UsageError("`initial_adapter` is the adapter itself; give the folder saved before training")
     ikind = init_kind(init.config.get("init_lora_weights", True))
     if ikind in BASE_CHANGING_INITS and ikind != kind:
         raise IncompatibleAdapters(
@@ -266,8 +267,8 @@ def convert_to_plain_lora(
     """
     if (base is None) == (initial_adapter is None):
         raise UsageError(
-            "give either the base checkpoint (--base) or the initial adapter saved before training "
-            "(--initial-adapter), exactly one"
+            "give either the base checkpoint (`base`) or the initial adapter saved before training "
+            "(`initial_adapter`), exactly one"
         )
     raw = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, raw_init=True)
     if changes_base(raw.config) is None:
@@ -291,7 +292,7 @@ def _convert(
         terms = _initial_terms(raw, kind, initial)
         src: dict[str, Any] = {"initial_adapter": str(getattr(initial, "source", None) or initial)}
     else:
-        from adaptermerge.combination import resolve_device
+        from adaptermerge.dtypes import resolve_device
 
         terms = _recomputed_terms(raw, kind, value, base, resolve_device(device))
         src = {"base": str(base.ckpt.path)}
@@ -346,7 +347,7 @@ def plain_adapters(
 def convert_recipe(result: Adapter, dtype: torch.dtype | None) -> dict[str, Any]:
     """The recipe that replays a conversion (``adaptermerge convert --recipe FILE -o OUT``)."""
     from adaptermerge import __version__
-    from adaptermerge.recipe import input_hashes
+    from adaptermerge.recipe import adapter_hashes, checkpoint_hashes
 
     conv = result.provenance["converted"]
     recipe: dict[str, Any] = {
@@ -354,15 +355,18 @@ def convert_recipe(result: Adapter, dtype: torch.dtype | None) -> dict[str, Any]
         "operation": "convert",
         "init_lora_weights": conv["init_lora_weights"],
         "base_model": result.base_model,
-        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
-        "model": {"model": str(result.source), "sha256": input_hashes(result.source)},
+        "dtype": None if dtype is None else dtype_name(dtype),
+        "model": {"model": str(result.source), "sha256": adapter_hashes(result.source)},
     }
     if "base" in conv:
         base = Path(conv["base"])
         recipe["base"] = str(base.resolve())
-        recipe["base_sha256"] = {f: file_sha256(base / f) for f in ("config.json", INDEX_NAME) if (base / f).is_file()}
+        recipe["base_sha256"] = checkpoint_hashes(base)
     else:
-        recipe["initial_adapter"] = {"model": conv["initial_adapter"], "sha256": input_hashes(conv["initial_adapter"])}
+        recipe["initial_adapter"] = {
+            "model": conv["initial_adapter"],
+            "sha256": adapter_hashes(conv["initial_adapter"]),
+        }
     return recipe
 
 
@@ -375,15 +379,14 @@ def load_convert_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"cannot read recipe {p}: {' '.join(str(e).split())}") from None
     if not isinstance(r, dict) or r.get("operation") != "convert" or not isinstance(r.get("model"), dict):
         raise UsageError(f"{p} is not an adaptermerge convert recipe (operation: convert, model)")
-    from adaptermerge.recipe import input_hashes
+    from adaptermerge.recipe import check_unchanged
 
     for entry in (r["model"], r.get("initial_adapter")):
-        if entry and input_hashes(entry["model"]) != (entry.get("sha256") or {}):
-            raise IncompatibleAdapters(f"{entry['model']} changed since the recipe was written; it would not replay")
+        if entry:
+            check_unchanged(entry["model"], entry.get("sha256") or {"adapter_config.json": ""})
     base = r.get("base")
-    for f, h in (r.get("base_sha256") or {}).items():
-        if not (Path(base) / f).is_file() or file_sha256(Path(base) / f) != h:
-            raise IncompatibleAdapters(f"{Path(base) / f} changed since the recipe was written; it would not replay")
+    if base:
+        check_unchanged(base, r.get("base_sha256"))
     return {
         "adapter": r["model"]["model"],
         "base": base,

@@ -8,6 +8,7 @@ way round.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,28 +16,38 @@ from pathlib import Path
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import FLOAT_DTYPES
 from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, UnsupportedArchitecture
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
-from adaptermerge.io.stream import FLOAT_DTYPES, PlannedTensor
+from adaptermerge.io.stream import PlannedTensor
 from adaptermerge.surgery.tokens import plan_token_targets
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+class Action(str, enum.Enum):
+    """What a job does to produce its output tensor; each has one handler in :mod:`adaptermerge.surgery.executor`."""
+
+    COPY = "copy"  # bytes unchanged
+    CONVERT = "convert"  # dtype change only
+    MERGE = "merge"  # W + delta of ``module`` (W: the adapter's saved base layer when ``extra_key`` is set)
+    BIAS = "bias"  # b + bias delta of ``module``
+    TOKENS = "tokens"  # W with the trained token rows of ``module`` written over its rows
+    REPLACE = "replace"  # an adapter tensor (a modules_to_save copy) in place of the base's
+    ADD = "add"  # an adapter tensor the base lacks (a modules_to_save head)
+    QUANT = "quant"  # a member of a 4-bit group re-quantized after its weight ``group`` was merged
+    DEQUANT = "dequant"  # a 4-bit group written dense (``--dequantize``)
+    NEWQUANT = "newquant"  # a member of a group ``--quantize`` creates from a dense weight
+
+
 @dataclass
 class Job:
-    """One output tensor.
-
-    ``action``: ``copy`` (bytes unchanged), ``convert`` (dtype change only), ``merge`` (W + delta of
-    ``module``), ``bias`` (b + bias delta of ``module``), ``replace``/``add`` (an adapter tensor, e.g. a
-    ``modules_to_save`` head), ``quant`` (a member of a 4-bit group whose weight is ``group``), ``tokens`` (W with
-    the trained token rows of ``module`` written over its rows).
-    """
+    """One output tensor: its :class:`Action`, its source tensor, and the adapter entries it uses."""
 
     out: PlannedTensor
-    action: str
+    action: Action
     src_file: str | None = None
     src: TensorInfo | None = None
     module: str | None = None
@@ -286,7 +297,7 @@ def plan_merge(
     untie = _untie(ties, changes, adapter)
     shards = _shard_jobs(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype)
     warnings = [f"added {j.out.name} from the adapter's modules_to_save (the base has no such tensor)"
-                for s in shards for j in s.jobs if j.action == "add"]  # fmt: skip
+                for s in shards for j in s.jobs if j.action is Action.ADD]  # fmt: skip
     if untie:
         warnings.append(
             "the base ties its input embedding and output head, but the adapter changes them differently (as the "
@@ -399,7 +410,7 @@ def _shard_jobs(
             if name in member_of:
                 w = member_of[name]
                 ch = changes.get(w) or _Change()
-                action = "quant" if (ch.module or ch.replace) else "copy"
+                action = Action.QUANT if (ch.module or ch.replace) else Action.COPY
                 jobs.append(Job(out, action, f, info, ch.module, extra_key=ch.replace, group=w))
                 continue
             change = changes.get(name)
@@ -423,11 +434,11 @@ def _job(
 ) -> Job:
     """The job that writes ``out`` from the source tensor ``info`` with ``change`` applied."""
     if change is None:
-        return Job(out, "copy" if out.dtype == info.dtype else "convert", f, info)
+        return Job(out, Action.COPY if out.dtype == info.dtype else Action.CONVERT, f, info)
     if change.tokens is not None:
-        return Job(out, "tokens", f, info, change.tokens)
+        return Job(out, Action.TOKENS, f, info, change.tokens)
     if change.module is not None and key.endswith(".bias"):
-        return Job(out, "bias", f, info, change.module)
+        return Job(out, Action.BIAS, f, info, change.module)
     if change.replace is not None:
         t = adapter.extra_tensors[change.replace]
         if tuple(t.shape) != tuple(info.shape):
@@ -436,8 +447,8 @@ def _job(
                 f"{list(info.shape)}; the adapter was made for a different base model"
             )
     if change.module is not None:
-        return Job(out, "merge", f, info, change.module, extra_key=change.replace)
-    return Job(out, "replace", f, info, extra_key=change.replace)
+        return Job(out, Action.MERGE, f, info, change.module, extra_key=change.replace)
+    return Job(out, Action.REPLACE, f, info, extra_key=change.replace)
 
 
 def _added_jobs(
@@ -451,7 +462,7 @@ def _added_jobs(
     out_dtype: str | None,
 ) -> list[Job]:
     """Tensors the base does not store: untied members of tied groups, and heads from ``modules_to_save``."""
-    from adaptermerge.io.stream import TORCH_TO_ST
+    from adaptermerge.dtypes import TORCH_TO_ST
 
     keys = set(ckpt.weight_map)
     jobs: list[Job] = []
@@ -466,7 +477,7 @@ def _added_jobs(
             continue
         t = adapter.extra_tensors[k]
         dtype = out_dtype if (out_dtype and t.is_floating_point()) else TORCH_TO_ST[t.dtype]
-        jobs.append(Job(PlannedTensor(rename[1] + name, dtype, tuple(t.shape)), "add", extra_key=k))
+        jobs.append(Job(PlannedTensor(rename[1] + name, dtype, tuple(t.shape)), Action.ADD, extra_key=k))
     return jobs
 
 

@@ -20,20 +20,21 @@ computes that offset from the merged weight in a first pass (one merge more per 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adaptermerge.dtypes import ST_TO_TORCH, TORCH_TO_ST, dtype_name
 from adaptermerge.errors import InvalidCheckpoint, NumericalError, UnsupportedArchitecture, UsageError
 from adaptermerge.io import bnb4
 from adaptermerge.io.checkpoint import Checkpoint
-from adaptermerge.io.stream import ST_TO_TORCH, TORCH_TO_ST, PlannedTensor, read_tensor
-from adaptermerge.surgery.plan import Job, ShardPlan
-from adaptermerge.surgery.report import ModuleResult
+from adaptermerge.io.stream import PlannedTensor, read_tensor
+from adaptermerge.surgery.plan import Action, Job, MergePlan, ShardPlan
+from adaptermerge.surgery.report import MergeReport, ModuleResult
 
 if TYPE_CHECKING:
-    from adaptermerge.surgery.merge import MergeReport, _Executor
+    from adaptermerge.surgery.executor import Executor
 
 LOST_DELTA_THRESHOLD = 0.5  # warn when less than half of a module's delta survives re-quantization
 NEW_BLOCKSIZE = 64
@@ -99,201 +100,255 @@ class NewQuant:
     conv1d: bool
 
 
-def adjust_plan(ex: _Executor) -> list[ShardPlan]:
-    """Apply --dequantize / --quantize to the plan; re-quantized groups keep their planned tensors."""
-    if ex.dequantize:
-        return _dequantize_plan(ex)
-    if ex.quantize:
-        return _quantize_plan(ex)
-    return ex.plan.shards
+@dataclass
+class FourBit:
+    """The 4-bit side of one merge: the base's 4-bit groups, ``--quantize``/``--dequantize``, and the group tensors
+    computed so far. The executor hands it its services (reading tensors, forming ``W + delta``) as an argument.
+
+    Attributes:
+        groups, specs: the base's 4-bit groups (weight key -> member tensor names) and their specs.
+        quantize: ``nf4``/``fp4`` to write the layers transformers quantizes 4-bit (16-bit bases).
+        dequantize: write every 4-bit group dense.
+        optimize: error-minimising block scales when (re-)quantizing.
+        out_dtype: the ``--dtype`` of the merge, if any.
+    """
+
+    ckpt: Checkpoint
+    groups: dict[str, list[str]]
+    specs: dict[str, bnb4.QuantSpec]
+    quantize: str | None = None
+    dequantize: bool = False
+    optimize: bool = False
+    out_dtype: torch.dtype | None = None
+    new_quant: dict[str, NewQuant] = field(default_factory=dict)  # --quantize: source weight key -> its new group
+    transposed: set[str] = field(default_factory=set)  # --dequantize: groups written back as Conv1D (in x out)
+    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # group -> computed member tensors
+    _rename: str = ""
+
+    @classmethod
+    def open(
+        cls, ckpt: Checkpoint, quantize: str | None, dequantize: bool, optimize: bool, out_dtype: torch.dtype | None
+    ) -> FourBit:
+        """Read the base's 4-bit groups and check the 4-bit options against them."""
+        groups, specs = checkpoint_groups(ckpt)
+        if groups and quantize:
+            raise UsageError(
+                "the base is already 4-bit; `quantize` applies to 16-bit bases (it re-quantizes 4-bit ones anyway)"
+            )
+        if dequantize and not groups:
+            raise UsageError("`dequantize` needs a 4-bit (bitsandbytes) base")
+        if out_dtype is None and dequantize:
+            dts = {s.dtype for s in specs.values()}
+            out_dtype = dts.pop() if len(dts) == 1 else torch.bfloat16
+        return cls(ckpt, groups, specs, quantize, dequantize, optimize, out_dtype)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.groups or self.quantize)
+
+    @property
+    def quant_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """What the planner needs: each group's dense shape and quant type."""
+        return {k: (s.shape, s.quant_type) for k, s in self.specs.items()}
+
+    def output_plan(self, plan: MergePlan, ex: Executor) -> list[ShardPlan]:
+        """The plan with ``--dequantize`` / ``--quantize`` applied; re-quantized groups keep their planned tensors."""
+        self._rename = plan.rename[1]
+        if self.dequantize:
+            return self._dequantize_plan(plan)
+        if self.quantize:
+            return self._quantize_plan(plan, ex)
+        return plan.shards
+
+    def member(self, ex: Executor, job: Job) -> tuple[torch.Tensor, ModuleResult | None]:
+        """The output tensor of one member job, and the module's figures when this job computed its group."""
+        result = None
+        if job.group not in self._pending:
+            self._pending[job.group], result = self._compute_group(ex, job)
+        out = self._pending[job.group]
+        t = out.pop(job.out.name)
+        if not out:
+            del self._pending[job.group]
+        if bnb4.STATE_MARKER in job.out.name:
+            t = _fit_state(t, job.out.shape[0], job.out.name)
+        return t, result
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` transformers writes for a 4-bit bitsandbytes model (``--quantize``)."""
+        from transformers import BitsAndBytesConfig
+
+        dtypes = {nq.spec.dtype for nq in self.new_quant.values()}
+        compute = dtypes.pop() if len(dtypes) == 1 else torch.bfloat16
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quantize,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        ).to_dict()
+        return json.loads(json.dumps(cfg, default=str))
+
+    # ------------------------------------------------------------------------------------------- plans
+
+    def _dequantize_plan(self, plan: MergePlan) -> list[ShardPlan]:
+        """Each 4-bit group becomes one dense tensor in its layer's layout (a Conv1D's ``in x out``)."""
+        from adaptermerge.surgery.arch import weight_layouts
+
+        layers = weight_layouts(self.ckpt)
+        layers.require_known("`dequantize`")
+        out = []
+        for s in plan.shards:
+            jobs = []
+            for j in s.jobs:
+                if j.group is None:
+                    jobs.append(j)
+                elif j.src is not None and j.out.name == self._rename + j.group:
+                    kind = layers.kind(j.group)
+                    if kind not in ("linear", "conv1d"):
+                        raise UnsupportedArchitecture(
+                            f"`dequantize` cannot tell which layer of {layers.source} the 4-bit weight {j.group} "
+                            "belongs to, so not whether to write it as Linear (out x in) or Conv1D (in x out)"
+                        )
+                    spec = self.specs[j.group]
+                    shape = tuple(reversed(spec.shape)) if kind == "conv1d" else spec.shape
+                    if kind == "conv1d":
+                        self.transposed.add(j.group)
+                    out_t = PlannedTensor(j.out.name, TORCH_TO_ST[self._dense_dtype(spec)], shape)
+                    jobs.append(Job(out_t, Action.DEQUANT, j.src_file, j.src, j.module, j.extra_key, group=j.group))
+            out.append(ShardPlan(s.file, jobs, s.metadata))
+        return out
+
+    def _quantize_plan(self, plan: MergePlan, ex: Executor) -> list[ShardPlan]:
+        """The layers transformers quantizes become 4-bit groups; everything else is planned as before."""
+        from adaptermerge.surgery.arch import bnb_4bit_choice
+
+        if plan.rename[1] or any(j.action is Action.ADD for s in plan.shards for j in s.jobs):
+            raise UsageError(
+                "`quantize` cannot add a modules_to_save head that the base lacks: config.json's architectures "
+                "would not name the model the output holds; merge without `quantize`, then quantize with transformers"
+            )
+        choice = bnb_4bit_choice(self.ckpt, self.quantize, self._load_dtype())
+        if not choice.converted:
+            raise UnsupportedArchitecture(
+                f"transformers' bitsandbytes integration makes no layer of {choice.cls_name} 4-bit (it converts "
+                "modules whose type is exactly nn.Linear or Conv1D), so `quantize` has nothing to write; merge without it"
+            )
+        if choice.upcast:
+            raise UnsupportedArchitecture(
+                f"transformers loads {choice.upcast[0]} in float32 from a {dtype_name(self._load_dtype())} "
+                f"checkpoint ({choice.cls_name}._keep_in_fp32_modules), which `quantize` does not mirror; "
+                "store the output as bfloat16 or float32 (`dtype`) with it"
+            )
+        out = []
+        movable = (Action.COPY, Action.CONVERT, Action.MERGE, Action.REPLACE)
+        for s in plan.shards:
+            jobs = []
+            for j in s.jobs:
+                kind = choice.converted.get(j.src.name) if j.src is not None else None
+                if kind is None or j.action not in movable:
+                    jobs.append(j)
+                    continue
+                shape = tuple(j.src.shape) if kind == "linear" else tuple(reversed(j.src.shape))
+                nq = NewQuant(new_spec(self.quantize, shape, ST_TO_TORCH[j.out.dtype]), kind == "conv1d")
+                self.new_quant[j.src.name] = nq
+                offset = bnb4.double_quant_offset(self._new_target(ex, nq, j)[0], nq.spec.blocksize)
+                for t in _new_group_tensors(j.out.name, nq.spec, bnb4.state_length(nq.spec, offset)):
+                    jobs.append(Job(t, Action.NEWQUANT, j.src_file, j.src, j.module, j.extra_key, group=j.src.name))
+            out.append(ShardPlan(s.file, jobs, s.metadata))
+        return out
+
+    def _load_dtype(self) -> torch.dtype:
+        """The dtype ``from_pretrained`` loads the merged dense checkpoint as (``dtype="auto"``): config.json's."""
+        if self.out_dtype is not None:
+            return self.out_dtype
+        name = self.ckpt.config.get("dtype") or self.ckpt.config.get("torch_dtype")
+        dt = getattr(torch, str(name), None) if name else None
+        return dt if isinstance(dt, torch.dtype) else torch.float32
+
+    def _dense_dtype(self, spec: bnb4.QuantSpec) -> torch.dtype:
+        return self.out_dtype or spec.dtype
+
+    # ------------------------------------------------------------------------------------------- groups
+
+    def _compute_group(self, ex: Executor, job: Job) -> tuple[dict[str, torch.Tensor], ModuleResult | None]:
+        if job.action is Action.NEWQUANT:
+            return self._quantize_new(ex, job)
+        group, module = job.group, job.module
+        spec = self.specs[group]
+        w = bnb4.dequantize({m: ex.read(m) for m in self.groups[group]}, group, torch.float32).to(ex.dev)
+        base = w if job.extra_key is None else self._replacement(ex, job, w)
+        if module is not None:
+            want = self._dense_dtype(spec) if job.action is Action.DEQUANT else torch.float32
+            target, res = ex.merged_weight(module, base, want)
+        else:
+            target = base
+            rel = float((base - w).norm()) / max(float(w.norm()), 1e-30)
+            res = ModuleResult(job.extra_key or group, self._rename + group, rel)
+        if job.action is Action.DEQUANT:
+            dense = (target.T if group in self.transposed else target).cpu()
+            return {self._rename + group: dense}, res if (module or job.extra_key) else None
+        tensors, rep = bnb4.quantize_with_report(target, spec, group, self.optimize)
+        _requant_figures(res, spec, tensors, group, target, w, rep)
+        # the statistics are numbers; the packed codes are not, even when bnb_4bit_quant_storage makes them floats
+        if not all(bool(torch.isfinite(tensors[group + s]).all()) for s in bnb4.STAT_SUFFIXES if group + s in tensors):
+            raise NumericalError(f"module {module}: re-quantization produced NaN/Inf")
+        return {self._rename + k: v.cpu() for k, v in tensors.items()}, res
+
+    def _replacement(self, ex: Executor, job: Job, w: torch.Tensor) -> torch.Tensor:
+        """An adapter tensor that replaces a 4-bit weight (a ``modules_to_save`` head, a saved base layer), in the
+        4-bit layout (``out x in``: a Conv1D weight is transposed, as transformers quantizes it)."""
+        t = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, torch.float32)
+        if self._is_conv1d(job.group):
+            t = t.T
+        if tuple(t.shape) != tuple(w.shape):
+            raise InvalidCheckpoint(
+                f"adapter tensor {job.extra_key} has shape {list(t.shape)} but the 4-bit weight {job.group} holds "
+                f"{list(w.shape)}; the adapter was made for a different base model"
+            )
+        return t.contiguous()
+
+    def _is_conv1d(self, group: str) -> bool:
+        """Whether the dense layer of a 4-bit weight is a GPT-2 Conv1D (its dense tensors are ``in x out``)."""
+        from adaptermerge.surgery.arch import weight_layouts
+
+        return group in self.transposed or weight_layouts(self.ckpt).kind(group) == "conv1d"
+
+    def _quantize_new(self, ex: Executor, job: Job) -> tuple[dict[str, torch.Tensor], ModuleResult | None]:
+        """``--quantize``: one layer transformers quantizes, from the dense weight a plain merge would store."""
+        nq = self.new_quant[job.group]
+        target, res = self._new_target(ex, nq, job)
+        tensors, rep = bnb4.quantize_with_report(target, nq.spec, job.group, self.optimize)  # names unchanged
+        if res is not None:
+            res.quant_type = nq.spec.quant_type
+            res.requant_rel_error = rep.rel_error
+        return {k: v.cpu() for k, v in tensors.items()}, res
+
+    def _new_target(self, ex: Executor, nq: NewQuant, job: Job) -> tuple[torch.Tensor, ModuleResult | None]:
+        """The float32 ``out x in`` weight to quantize: merged (or replaced by a modules_to_save tensor), rounded to
+        the stored dtype as the dense checkpoint holds it, transposed for a Conv1D as transformers does."""
+        stored = nq.spec.dtype
+        res = None
+        if job.extra_key is not None:
+            dense = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, stored)
+        elif job.module is not None:
+            merged, res = ex.merged_weight(job.module, ex.source(job), stored)
+            dense = merged.to(stored)
+        else:
+            dense = ex.source(job).to(ex.dev, stored)
+        target = dense.to(torch.float32)
+        return (target.T if nq.conv1d else target), res
 
 
-def _dequantize_plan(ex: _Executor) -> list[ShardPlan]:
-    """Each 4-bit group becomes one dense tensor in its layer's layout (a Conv1D's ``in x out``)."""
-    from adaptermerge.surgery.arch import weight_layouts
-
-    layers = weight_layouts(ex.ckpt)
-    layers.require_known("--dequantize")
-    rename = ex.plan.rename[1]
-    out = []
-    for s in ex.plan.shards:
-        jobs = []
-        for j in s.jobs:
-            if j.group is None:
-                jobs.append(j)
-            elif j.src is not None and j.out.name == rename + j.group:
-                kind = layers.kind(j.group)
-                if kind not in ("linear", "conv1d"):
-                    raise UnsupportedArchitecture(
-                        f"--dequantize cannot tell which layer of {layers.source} the 4-bit weight {j.group} belongs "
-                        "to, so not whether to write it as Linear (out x in) or Conv1D (in x out)"
-                    )
-                spec = ex.specs[j.group]
-                shape = tuple(reversed(spec.shape)) if kind == "conv1d" else spec.shape
-                if kind == "conv1d":
-                    ex.transposed.add(j.group)
-                dt = TORCH_TO_ST[ex_dtype(ex, spec)]
-                jobs.append(
-                    Job(
-                        PlannedTensor(j.out.name, dt, shape),
-                        "dequant",
-                        j.src_file,
-                        j.src,
-                        j.module,
-                        j.extra_key,
-                        group=j.group,
-                    )
-                )
-        out.append(ShardPlan(s.file, jobs, s.metadata))
-    return out
-
-
-def _quantize_plan(ex: _Executor) -> list[ShardPlan]:
-    """The layers transformers quantizes become 4-bit groups; everything else is planned as before."""
-    from adaptermerge.surgery.arch import bnb_4bit_choice
-
-    if ex.plan.rename[1] or any(j.action == "add" for s in ex.plan.shards for j in s.jobs):
-        raise UsageError(
-            "--quantize cannot add a modules_to_save head that the base lacks: config.json's architectures would "
-            "not name the model the output holds; merge without --quantize, then quantize with transformers"
-        )
-    choice = bnb_4bit_choice(ex.ckpt, ex.quantize, _load_dtype(ex))
-    if not choice.converted:
-        raise UnsupportedArchitecture(
-            f"transformers' bitsandbytes integration makes no layer of {choice.cls_name} 4-bit (it converts modules "
-            "whose type is exactly nn.Linear or Conv1D), so --quantize has nothing to write; merge without it"
-        )
-    if choice.upcast:
-        raise UnsupportedArchitecture(
-            f"transformers loads {choice.upcast[0]} in float32 from a {str(_load_dtype(ex)).replace('torch.', '')} "
-            f"checkpoint ({choice.cls_name}._keep_in_fp32_modules), which --quantize does not mirror; "
-            "pass --dtype bfloat16 or float32 with it"
-        )
-    out = []
-    for s in ex.plan.shards:
-        jobs = []
-        for j in s.jobs:
-            kind = choice.converted.get(j.src.name) if j.src is not None else None
-            if kind is None or j.action not in ("copy", "convert", "merge", "replace"):
-                jobs.append(j)
-                continue
-            shape = tuple(j.src.shape) if kind == "linear" else tuple(reversed(j.src.shape))
-            nq = NewQuant(new_spec(ex.quantize, shape, ST_TO_TORCH[j.out.dtype]), kind == "conv1d")
-            ex.new_quant[j.src.name] = nq
-            offset = bnb4.double_quant_offset(_new_target(ex, nq, j), nq.spec.blocksize)
-            for t in _new_group_tensors(j.out.name, nq.spec, bnb4.state_length(nq.spec, offset)):
-                jobs.append(Job(t, "newquant", j.src_file, j.src, j.module, j.extra_key, group=j.src.name))
-        out.append(ShardPlan(s.file, jobs, s.metadata))
-    return out
-
-
-def _load_dtype(ex: _Executor) -> torch.dtype:
-    """The dtype ``from_pretrained`` loads the merged dense checkpoint as (``dtype="auto"``): config.json's."""
-    if ex.out_dtype is not None:
-        return ex.out_dtype
-    name = ex.ckpt.config.get("dtype") or ex.ckpt.config.get("torch_dtype")
-    dt = getattr(torch, str(name), None) if name else None
-    return dt if isinstance(dt, torch.dtype) else torch.float32
-
-
-def ex_dtype(ex: _Executor, spec: bnb4.QuantSpec) -> torch.dtype:
-    return ex.out_dtype or spec.dtype
-
-
-def _load_group(ex: _Executor, group: str) -> dict[str, torch.Tensor]:
-    return {m: ex.read(m) for m in ex.groups[group]}
-
-
-def member_tensor(ex: _Executor, job: Job) -> torch.Tensor:
-    """The output tensor of one member job; computes (and caches) the whole group on first use."""
-    group = job.group
-    if group not in ex.pending:
-        ex.pending[group] = _compute_group(ex, job)
-    out = ex.pending[group]
-    t = out.pop(job.out.name)
-    if not out:
-        del ex.pending[group]
-    if bnb4.STATE_MARKER in job.out.name:
-        t = _fit_state(t, job.out.shape[0], job.out.name)
-    return t
-
-
-def _compute_group(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
-    if job.action == "newquant":
-        return _quantize_new(ex, job)
-    rename = ex.plan.rename[1]
-    group = job.group
-    module = job.module
-    src = _load_group(ex, group)
-    spec = ex.specs[group]
-    w = bnb4.dequantize(src, group, torch.float32).to(ex.dev)
-    base = w if job.extra_key is None else _replacement(ex, job, w)
-    if module is not None:
-        target = ex.merged_weight(module, base, ex_dtype(ex, spec) if job.action == "dequant" else torch.float32)
-        res = ex.last
-    else:
-        target = base
-        res = ModuleResult(
-            job.extra_key or group, rename + group, float((base - w).norm()) / max(float(w.norm()), 1e-30)
-        )
-    if job.action == "dequant":
-        if module is not None or job.extra_key is not None:
-            ex.report.modules.append(res)
-        return {rename + group: (target.T if group in ex.transposed else target).cpu()}
-    tensors, rep = bnb4.quantize_with_report(target, spec, group, ex.optimize)
+def _requant_figures(res, spec, tensors, group, target, w, rep) -> None:
+    """How far the stored 4-bit weights are from ``W + delta``, and how much of the delta they carry."""
     res.quant_type = spec.quant_type
-    deq = bnb4.dequantize(tensors, group, torch.float32).to(ex.dev)
+    deq = bnb4.dequantize(tensors, group, torch.float32).to(target.device)
     delta = (target - w).double()
     dn2 = float((delta * delta).sum())
     res.requant_rel_error = float((deq - target).norm()) / max(float(target.norm()), 1e-30)
     res.plain_requant_rel_error = rep.plain_rel_error
     # the part of the intended change that the stored weights really carry (projection on delta)
     res.delta_survival = float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0
-    ex.report.modules.append(res)
-    # the statistics are numbers; the packed codes are not, even when bnb_4bit_quant_storage makes them a float tensor
-    if not all(bool(torch.isfinite(tensors[group + s]).all()) for s in bnb4.STAT_SUFFIXES if group + s in tensors):
-        raise NumericalError(f"module {module}: re-quantization produced NaN/Inf")
-    return {rename + k: v.cpu() for k, v in tensors.items()}
-
-
-def _replacement(ex: _Executor, job: Job, w: torch.Tensor) -> torch.Tensor:
-    """An adapter tensor that replaces a 4-bit weight (a ``modules_to_save`` head, a saved base layer), in the 4-bit
-    layout (``out x in``: a Conv1D weight is transposed, as transformers quantizes it)."""
-    t = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, torch.float32)
-    if job.group in ex.transposed:
-        t = t.T
-    if tuple(t.shape) != tuple(w.shape):
-        raise InvalidCheckpoint(
-            f"adapter tensor {job.extra_key} has shape {list(t.shape)} but the 4-bit weight {job.group} holds "
-            f"{list(w.shape)}; the adapter was made for a different base model"
-        )
-    return t.contiguous()
-
-
-def _quantize_new(ex: _Executor, job: Job) -> dict[str, torch.Tensor]:
-    """``--quantize``: one layer transformers quantizes, from the dense weight a plain merge would store."""
-    nq: NewQuant = ex.new_quant[job.group]
-    target = _new_target(ex, nq, job)
-    tensors, rep = bnb4.quantize_with_report(target, nq.spec, job.group, ex.optimize)  # names unchanged: no rename
-    if job.module is not None:
-        ex.last.quant_type = nq.spec.quant_type
-        ex.last.requant_rel_error = rep.rel_error
-        ex.report.modules.append(ex.last)
-    return {k: v.cpu() for k, v in tensors.items()}
-
-
-def _new_target(ex: _Executor, nq: NewQuant, job: Job) -> torch.Tensor:
-    """The float32 ``out x in`` weight to quantize: merged (or replaced by a modules_to_save tensor), rounded to
-    the stored dtype as the dense checkpoint holds it, transposed for a Conv1D as transformers does."""
-    stored = nq.spec.dtype
-    if job.extra_key is not None:
-        dense = ex.adapter.extra_tensors[job.extra_key].to(ex.dev, stored)
-    elif job.module is not None:
-        dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).to(stored)
-    else:
-        dense = read_tensor(ex.fh(job.src_file), job.src).to(ex.dev, stored)
-    target = dense.to(torch.float32)
-    return target.T if nq.conv1d else target
 
 
 def _fit_state(t: torch.Tensor, length: int, name: str) -> torch.Tensor:
@@ -305,22 +360,6 @@ def _fit_state(t: torch.Tensor, length: int, name: str) -> torch.Tensor:
     if len(compact) > length:
         raise NumericalError(f"{name}: the quant state needs {len(compact)} bytes but {length} were planned")
     return torch.tensor(list(compact + b" " * (length - len(compact))), dtype=torch.uint8)
-
-
-def quantization_config(quant_type: str, ex: _Executor) -> dict[str, Any]:
-    """The ``quantization_config`` transformers writes for a 4-bit bitsandbytes model."""
-    from transformers import BitsAndBytesConfig
-
-    dtypes = {nq.spec.dtype for nq in ex.new_quant.values()}
-    compute = dtypes.pop() if len(dtypes) == 1 else torch.bfloat16
-    cfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
-    ).to_dict()
-    return json.loads(json.dumps(cfg, default=str))
 
 
 def warn_lost_deltas(report: MergeReport) -> None:

@@ -32,7 +32,7 @@ def resize_adapter(
         {'q': 4}
     """
     if rank is None and energy is None:
-        raise UsageError("give --rank K or --energy F (or both)")
+        raise UsageError("give `rank` K or `energy` F (or both)")
     result = combine(
         [adapter], [1.0], method="svd", rank=rank, energy=energy, device=device, dtype=dtype, progress=progress
     )

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import FLOAT_DTYPES
 from adaptermerge.errors import IncompatibleAdapters
 from adaptermerge.io.checkpoint import Checkpoint
-from adaptermerge.io.stream import FLOAT_DTYPES, read_rows
+from adaptermerge.io.stream import read_rows
 from adaptermerge.tokens import BaseRows, TokenRows
 
 

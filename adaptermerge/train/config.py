@@ -63,13 +63,13 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not self.alpha > 0 or not self.lr > 0:
-            raise UsageError(f"--alpha and --lr must be positive, got alpha={self.alpha}, lr={self.lr}")
+            raise UsageError(f"`alpha` and `lr` must be positive, got alpha={self.alpha}, lr={self.lr}")
         if self.epochs is not None and not self.epochs > 0:
-            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+            raise UsageError(f"`epochs` must be positive, got {self.epochs}")
         if not 0 <= self.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"`dropout` must be in [0, 1), got {self.dropout}")
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
-            raise UsageError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {self.quantize!r}")
+            raise UsageError(f"`quantize` must be one of {', '.join(QUANT_TYPES)}, got {self.quantize!r}")
         self.targets = parse_targets(self.targets)
         ratio = scaling_ratio({"r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.rslora})
         findings = scaling_findings(ratio, self.alpha, self.rank) + rank_findings(self.rank)
@@ -100,10 +100,10 @@ def parse_targets(targets: str | list[str] | tuple[str, ...]) -> str | list[str]
         targets = targets.split(",")
     names = [t.strip() for t in targets if t.strip()]
     if not names:
-        raise UsageError("--targets needs 'all-linear' or module names such as q_proj,v_proj")
+        raise UsageError("`targets` needs 'all-linear' or module names such as q_proj,v_proj")
     return names
 
 
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        raise UsageError(f"`{name}` must be a positive integer, got {v!r}")

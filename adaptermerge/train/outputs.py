@@ -57,7 +57,7 @@ def load_train_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"cannot read recipe {p}: {' '.join(str(e).split())}") from None
     if not isinstance(recipe, dict) or recipe.get("operation") != "train" or not isinstance(recipe.get("data"), dict):
         raise UsageError(f"{p} is not an adaptermerge training recipe (operation: train)")
-    from adaptermerge.io.adapter import file_sha256
+    from adaptermerge.io.files import sha256_file
 
     files = {}
     for key in ("data", "eval_data"):
@@ -65,7 +65,7 @@ def load_train_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if not entry:
             continue
         f = Path(entry["file"])
-        if not f.is_file() or file_sha256(f) != entry.get("sha256"):
+        if not f.is_file() or sha256_file(f) != entry.get("sha256"):
             raise InvalidData(f"{f} is missing or changed since the recipe was written (sha256 differs)")
         files[key] = str(f)
     return {
@@ -83,7 +83,7 @@ def check_resume_recipe(ckpt: Path, recipe: dict[str, Any]) -> None:
     except (OSError, yaml.YAMLError):
         raise UsageError(
             f"{ckpt} has checkpoints but no {RECIPE_NAME}, so it cannot be checked that they belong to this run; "
-            "start over with --overwrite"
+            "start over with `overwrite`"
         ) from None
     diffs = []
     for key in ("base_model", "data", "eval_data"):
@@ -94,7 +94,7 @@ def check_resume_recipe(ckpt: Path, recipe: dict[str, Any]) -> None:
     if diffs:
         raise UsageError(
             f"the checkpoints in {ckpt} were made with different {', '.join(diffs)}; resume with the same "
-            "settings and data, or start over with --overwrite"
+            "settings and data, or start over with `overwrite`"
         )
 
 

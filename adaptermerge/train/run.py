@@ -192,13 +192,13 @@ def _checkpoint_state(ckpt: Path, resume: bool, overwrite: bool) -> Path | None:
     last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
     if resume:
         if overwrite:
-            raise UsageError("--resume continues the checkpoints that --overwrite would discard; give one of them")
+            raise UsageError("`resume` continues the checkpoints that `overwrite` would discard; give one of them")
         if last is None:
-            raise UsageError(f"--resume: no checkpoint in {ckpt}; start without --resume")
+            raise UsageError(f"`resume`: no checkpoint in {ckpt}; start without `resume`")
         return Path(last)
     if last is not None and not overwrite:
         raise UsageError(
-            f"{ckpt} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over"
+            f"{ckpt} holds checkpoints of an earlier run; pass `resume` to continue it or `overwrite` to start over"
         )
     return None
 
@@ -239,7 +239,7 @@ def _peft_model(base: Path, cfg: TrainConfig) -> Any:
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        raise UsageError(f"--targets {cfg.targets}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"`targets` {cfg.targets}: {' '.join(str(e).split())[:300]}") from None
     use_reference_4bit_kernel(model)
     return model
 

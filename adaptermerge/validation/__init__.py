@@ -90,8 +90,8 @@ def validate(
     dtype = getattr(torch, compute_dtype)
     if (probe is not None or tolerance is not None) and (report.kind == "adapter" or not (folders or _has_recipe(p))):
         raise UsageError(
-            "--probe and --tolerance apply to the faithfulness of a merged checkpoint: give the checkpoint with "
-            "--base and --adapter (or one with its merge recipe)"
+            "`probe` and `tolerance` apply to the faithfulness of a merged checkpoint: give the checkpoint with "
+            "`base` and `adapter` (or one with its merge recipe)"
         )
     if report.kind == "adapter":
         _adapters(report, [p, *folders], base_obj, weights, target)
@@ -104,9 +104,9 @@ def validate(
 
 def _check_options(target: str | None, tolerance: float | None, compute_dtype: str) -> None:
     if target is not None and target not in SERVING_TARGETS:
-        raise UsageError(f"--for must be one of {', '.join(SERVING_TARGETS)}, got {target!r}")
+        raise UsageError(f"`target` must be one of {', '.join(SERVING_TARGETS)}, got {target!r}")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
-        raise UsageError(f"--tolerance must be a positive number, got {tolerance}")
+        raise UsageError(f"`tolerance` must be a positive number, got {tolerance}")
     if compute_dtype not in ("float32", "float64"):
         raise UsageError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
 
@@ -190,7 +190,7 @@ def _checkpoint(report, p: Path, base, folders, weights, probe, tolerance, targe
     elif base is not None and recipe is not None:
         report.add(check_recipe_base(recipe, base))
     if folders and base is None:
-        raise UsageError("--adapter with a checkpoint needs --base (the checkpoint they were merged into)")
+        raise UsageError("`adapter` with a checkpoint needs `base` (the checkpoint they were merged into)")
     if base is not None:
         report.add(check_tensors(merged, base, recipe))
     ran = False
@@ -206,11 +206,11 @@ def _checkpoint(report, p: Path, base, folders, weights, probe, tolerance, targe
 
 def _from_recipe(report: ValidationReport, p: Path, recipe: dict[str, Any], weights) -> tuple[Any, list[Path], Any]:
     """Base, adapters and weights of a merged checkpoint, from its recipe (inputs checked by hash)."""
-    from adaptermerge.surgery.card import load_merge_recipe
+    from adaptermerge.recipe import RECIPE_NAME, load_merge_recipe
     from adaptermerge.validation.base_checks import open_base
 
     try:
-        kw = load_merge_recipe(p / "adaptermerge_recipe.yaml")
+        kw = load_merge_recipe(p / RECIPE_NAME)
     except AdapterMergeError as e:
         report.add(Check("faithfulness.inputs", "warn", f"the merge recipe's inputs cannot be used: {e}",
                          hint="give --base and --adapter to check faithfulness"))  # fmt: skip

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import ST_TO_TORCH, dtype_name
 from adaptermerge.errors import AdapterMergeError
 from adaptermerge.guidelines import anti_patterns, scaling_ratio
 from adaptermerge.io.adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_adapter
 from adaptermerge.io.peft_config import changes_base, check_config, init_refusal
 from adaptermerge.io.safetensors_header import Header, HeaderError, read_header
-from adaptermerge.io.stream import ST_TO_TORCH, read_tensor
+from adaptermerge.io.stream import read_tensor
 from adaptermerge.lowrank import energy_rank, factored_svd
 from adaptermerge.validation.report import Check
 
@@ -142,7 +143,7 @@ def _finite(folder: Path, header: Header) -> Check:
 def _dtypes(header: Header) -> Check:
     """adapter.dtype: storage dtypes of the floating tensors; mixed dtypes are flagged."""
     counts = Counter(
-        str(ST_TO_TORCH[i.dtype]).replace("torch.", "")
+        dtype_name(ST_TO_TORCH[i.dtype])
         for i in header.tensors.values()
         if i.dtype in ST_TO_TORCH and ST_TO_TORCH[i.dtype].is_floating_point
     )

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.dtypes import ST_TO_TORCH, dtype_name
 from adaptermerge.errors import AdapterMergeError
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.io.peft_config import targets_module
-from adaptermerge.io.stream import ST_TO_TORCH
 from adaptermerge.outputs import CARD_NAME, hub_model_id
 from adaptermerge.validation.report import Check
 
@@ -45,7 +45,7 @@ class Base:
         cfg = self.ckpt.config
         q = self.ckpt.quantization or {}
         name = q.get("bnb_4bit_compute_dtype") if self.groups else (cfg.get("dtype") or cfg.get("torch_dtype"))
-        dt = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+        dt = getattr(torch, dtype_name(name), None) if name else None
         if isinstance(dt, torch.dtype):
             return dt
         floats = [ST_TO_TORCH[i.dtype] for i in (self.ckpt.info(k) for k in self.ckpt.weight_map)]
@@ -67,7 +67,7 @@ def open_base(path: Path) -> tuple[Check, Base | None]:
     figures = {
         "tensors": len(ckpt.weight_map),
         "quantized_4bit_modules": len(groups),
-        "compute_dtype": None if dt is None else str(dt).replace("torch.", ""),
+        "compute_dtype": None if dt is None else dtype_name(dt),
         "model_type": ckpt.config.get("model_type"),
     }
     msg = f"{len(ckpt.weight_map)} tensors" + (f", {len(groups)} 4-bit modules" if groups else "")

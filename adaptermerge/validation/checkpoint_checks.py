@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import yaml
 
-from adaptermerge.io.stream import ST_TO_TORCH, read_tensor
+from adaptermerge.dtypes import ST_TO_TORCH, dtype_name
+from adaptermerge.io.stream import read_tensor
 from adaptermerge.recipe import RECIPE_NAME
 from adaptermerge.validation.base_checks import Base, open_base
 from adaptermerge.validation.report import Check
@@ -136,7 +137,7 @@ def _shape_dtype(ck: Base, key: str) -> tuple[tuple[int, ...], str]:
         s = ck.specs[key]
         return tuple(s.shape), s.quant_type
     info = ck.ckpt.info(key)
-    return tuple(info.shape), str(ST_TO_TORCH[info.dtype]).replace("torch.", "")
+    return tuple(info.shape), dtype_name(ST_TO_TORCH[info.dtype])
 
 
 def check_loads(ck: Base, target: str) -> Check:
@@ -160,10 +161,10 @@ def check_loads(ck: Base, target: str) -> Check:
 
 def check_recipe_base(recipe: dict[str, Any], base: Base) -> Check:
     """base.identity for a merged checkpoint: the base files' SHA-256 in its recipe against the base given."""
-    from adaptermerge.io.adapter import file_sha256
+    from adaptermerge.io.files import sha256_files
 
     recorded = recipe.get("base_sha256") or {}
-    now = {f: file_sha256(base.path / f) for f in recorded if (base.path / f).is_file()}
+    now = sha256_files(base.path, recorded)
     figures = {"recorded": recorded, "given": now, "recipe_base": recipe.get("base")}
     if not recorded:
         return Check(

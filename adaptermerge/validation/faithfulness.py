@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from adaptermerge.dtypes import ST_TO_TORCH, dtype_name
 from adaptermerge.errors import UsageError
 from adaptermerge.validation.base_checks import Base
 from adaptermerge.validation.report import Check
@@ -98,7 +99,7 @@ def _probe_rows(probe: Path) -> list[tuple[int, dict]]:
     try:
         lines = probe.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --probe {probe}: {e}") from None
+        raise UsageError(f"cannot read `probe` {probe}: {e}") from None
     rows = []
     for i, text in enumerate(lines, start=1):
         if not text.strip():
@@ -116,7 +117,7 @@ def _probe_rows(probe: Path) -> list[tuple[int, dict]]:
             )
         rows.append((i, row))
     if not rows:
-        raise UsageError(f"--probe {probe} holds no prompts")
+        raise UsageError(f"`probe` {probe} holds no prompts")
     return rows
 
 
@@ -263,12 +264,12 @@ def compare(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> dict[st
 
 def default_tolerance(merged: Base) -> float:
     """The default tolerance for a dense merged checkpoint: by the dtype most of its floating tensors use."""
-    from adaptermerge.io.stream import ST_TO_TORCH
+    from adaptermerge.dtypes import dtype_name
 
     sizes: dict[str, int] = {}
     for k in merged.ckpt.weight_map:
         info = merged.ckpt.info(k)
-        dt = str(ST_TO_TORCH[info.dtype]).replace("torch.", "")
+        dt = dtype_name(ST_TO_TORCH[info.dtype])
         if dt in TOLERANCE:
             sizes[dt] = sizes.get(dt, 0) + info.numel
     return max(TOLERANCE[d] for d in sizes) if sizes else TOLERANCE["float32"]
@@ -309,7 +310,7 @@ def check_faithfulness(
     gc.collect()
     common = {
         "probes": probes.source,
-        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "compute_dtype": dtype_name(compute_dtype),
         "weights": list(weights),
     }
     figures = {**compare(ref_logits, got), **common}
@@ -392,7 +393,6 @@ def drift_figures(
 @torch.no_grad()
 def round_like(model: torch.nn.Module, ck: Base) -> None:
     """Round every parameter to the dtype its tensor has in ``ck`` (what a merge writing that checkpoint does)."""
-    from adaptermerge.io.stream import ST_TO_TORCH
 
     prefix = getattr(model, "base_model_prefix", "") + "."
     keys = set(ck.ckpt.weight_map)
@@ -467,7 +467,7 @@ def compare_weights(model: torch.nn.Module, ck: Base, compute_dtype: torch.dtype
     each element's own, so a sum that cancels to nearly zero is not held to a relative precision that no
     computation has; an element changed by more than rounding still stands out by orders of magnitude.
     """
-    from adaptermerge.io.stream import ST_TO_TORCH, read_tensor
+    from adaptermerge.io.stream import read_tensor
     from adaptermerge.surgery.arch import tie_groups
 
     prefix = getattr(model, "base_model_prefix", "") + "."
