@@ -178,7 +178,7 @@ class DellaParams:
 
 
 def check_inputs(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> list[float]:
-    """One weight per tensor, all finite; all tensors of one shape. Returns the weights as floats."""
+    """One weight per tensor, all finite; all tensors of one shape and finite. Returns the weights as floats."""
     if len(tensors) == 0:
         raise UsageError("a merge needs at least one task tensor")
     if len(tensors) != len(weights):
@@ -190,6 +190,9 @@ def check_inputs(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> l
     for i, t in enumerate(tensors):
         if t.shape != shape:
             raise IncompatibleAdapters(f"task {i} has shape {tuple(t.shape)}, task 0 has {tuple(shape)}")
+        # one cheap reduction; the elementwise check runs only when the sum is not finite (NaN/Inf or overflow)
+        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"task {i} contains NaN/Inf values")
     return ws
 
 
