@@ -9,7 +9,7 @@ For one module, tasks ``i = 1..T`` with ``delta_i = B_i A_i`` (``out x in``, ran
 
 ``core`` (Panariello et al., "Accurate and Efficient Low-Rank Model Merging in Core Space", NeurIPS 2025)
     ``U`` = left singular vectors of ``[B_1 .. B_T]`` (``out x R_u``), ``V`` = right singular vectors of
-    ``[A_1; ..; A_T]`` (``in x R_v``), ``R_u = min(out, R)``, ``R_v = min(in, R)``. Since ``range(B_i)``
+    ``[A_1; ..; A_T]`` (``in x R_v``), ``R_u <= min(out, R)``, ``R_v <= min(in, R)``. Since ``range(B_i)``
     lies in ``range(U)`` and ``range(A_i^T)`` in ``range(V)``, ``delta_i = U M_i V^T`` exactly with the small
     core ``M_i = (U^T B_i)(A_i V)`` (``R_u x R_v``). ``rep_i = M_i``; a merged core ``M`` maps back to the exact
     adapter ``B = U M``, ``A = V^T`` of rank ``<= R`` (then compacted by a QR-core SVD). Never ``out x in``.
