@@ -136,9 +136,9 @@ def validate_declared(method: str, params: Any, infos: tuple[ParamInfo, ...]) ->
             if not isinstance(value, bool):
                 raise UsageError(f"{method}: --{info.name} must be true or false, got {value!r}")
             continue
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{method}: --{info.name} must be a number, got {value!r}")
-        if info.type is int and (not isinstance(value, int)):
+        if info.type is int and not isinstance(value, int):
             raise UsageError(f"{method}: --{info.name} must be an integer, got {value!r}")
         if info.range is not None:
             check_range(method, info.name, value, *info.range)

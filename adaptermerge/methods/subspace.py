@@ -200,10 +200,15 @@ def iso_c_matrices(
 def iso_cts_split(budget: int, tasks: int, common_fraction: float) -> tuple[int, int]:
     """Iso-CTS sizes (reference code ``iso_cts``): ``k_c = floor(budget * common_fraction)``; the task-specific
     total ``round((budget - k_c) / T) * T`` is made divisible by ``T``; ``k_c = budget - that``. Returns
-    ``(k_c, per_task)``."""
+    ``(k_c, per_task)``.
+
+    When that total exceeds the budget (``T > budget``, e.g. three adapters on a 2 x 2 module) the reference
+    code's common size goes negative (``u[:, :-1]``); we use the largest multiple of ``T`` within the budget.
+    """
     common = math.floor(budget * common_fraction + 1e-9)
     specific_total = round((budget - common) / tasks) * tasks
-    specific_total = min(specific_total, budget)
+    if specific_total > budget:
+        specific_total = (budget // tasks) * tasks
     return budget - specific_total, specific_total // tasks
 
 
