@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 import torch
@@ -34,8 +35,10 @@ DIRECT_SELECT_MAX = 1 << 20
 """Up to this many entries the k-th largest magnitude is found with one ``torch.kthvalue``; above it a strided
 sample brackets the threshold first (same exact result, about half the time on a 4096 x 4096 module)."""
 
+CHUNK_ELEMENTS = 1 << 18
+"""Entries per chunk of the chunked scans (1 MiB of fp32: stays in cache)."""
+
 _SAMPLE_TARGET = 1 << 16
-_TIE_CHUNK = 1 << 22
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -69,87 +72,164 @@ def _next_prime(n: int) -> int:
     return n
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest entry of a flat tensor (``1 <= k <= numel``), exactly, as a 0-d tensor.
+def _bracketed_kth(flat: torch.Tensor, k: int, absolute: bool) -> tuple[torch.Tensor, int, int] | None:
+    """k-th largest of ``flat`` (or of ``|flat|``) by bracketing, scanning in cache-sized chunks.
 
-    Small tensors: ``torch.kthvalue`` (the ``(n - k + 1)``-th smallest). Large tensors: the ``k``-th largest is
-    bracketed by two order statistics ``lo <= hi`` of a strided sample (prime stride, so the sample does not
-    align with the rows of a matrix); when ``#{x > hi} < k <= #{x >= lo}`` holds (checked, not assumed), the
-    answer is the ``(k - #{x > hi})``-th largest entry of the band ``lo <= x <= hi``, which holds ~1% of the
-    entries. Otherwise it falls back to the full ``kthvalue``. The result is the same value in both paths.
+    Two order statistics ``lo <= hi`` of a strided sample bracket the answer; one scan counts ``#{> hi}`` and
+    gathers the band ``lo <= v <= hi``; when ``#{> hi} < k <= #{> hi} + |band|`` (checked, not assumed) the
+    answer is an order statistic of the band. Returns ``(t, #{>= t}, #{> t})`` or ``None`` when the bracket
+    missed (the caller then selects on the whole tensor).
+    """
+    n = flat.numel()
+    stride = _next_prime(max(2, n // _SAMPLE_TARGET))
+    sample = flat[::stride]
+    sample = sample.abs() if absolute else sample.contiguous()
+    ns = sample.numel()
+    pos = ns - k * ns / n  # ascending position of the k-th largest in the sample, 0-based (fractional)
+    margin = 4.0 * math.sqrt(ns) + 16.0
+    lo = torch.kthvalue(sample, min(ns, max(1, math.floor(pos - margin)))).values
+    hi = torch.kthvalue(sample, min(ns, max(1, math.ceil(pos + margin) + 1))).values
+    above = 0
+    bands = []
+    for start in range(0, n, CHUNK_ELEMENTS):
+        v = flat[start : start + CHUNK_ELEMENTS]
+        if absolute:
+            v = v.abs()
+        above += int(torch.count_nonzero(v > hi))
+        bands.append(v[(v >= lo) & (v <= hi)])
+    band = torch.cat(bands)
+    if not above < k <= above + band.numel():
+        return None
+    t = torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return t, above + int(torch.count_nonzero(band >= t)), above + int(torch.count_nonzero(band > t))
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of a tensor (``1 <= k <= numel``), exactly, as a 0-d tensor.
+
+    Small tensors: ``torch.kthvalue`` (the ``(n - k + 1)``-th smallest). Large tensors: bracketed by a strided
+    sample (prime stride, so the sample does not align with the rows of a matrix), then an order statistic of
+    the band between the brackets (about 1% of the entries), found in one chunked scan; falls back to the full
+    ``kthvalue`` when the bracket misses. Both paths return the same value.
     """
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     flat = values.reshape(-1)
-    if n <= DIRECT_SELECT_MAX:
-        return torch.kthvalue(flat, n - k + 1).values
-    stride = _next_prime(max(2, n // _SAMPLE_TARGET))
-    sample = flat[::stride]
-    ns = sample.numel()
-    pos = ns - k * ns / n  # ascending position of the k-th largest in the sample, 0-based (fractional)
-    margin = 4.0 * math.sqrt(ns) + 16.0
-    lo_rank = min(ns, max(1, math.floor(pos - margin)))
-    hi_rank = min(ns, max(1, math.ceil(pos + margin) + 1))
-    lo = torch.kthvalue(sample, lo_rank).values
-    hi = torch.kthvalue(sample, hi_rank).values
-    above = int(torch.count_nonzero(flat > hi))
-    if above < k:
-        band_mask = (flat >= lo) & (flat <= hi)
-        in_band = int(torch.count_nonzero(band_mask))
-        if above + in_band >= k:
-            band = flat[band_mask]
-            return torch.kthvalue(band, in_band - (k - above) + 1).values
+    if n > DIRECT_SELECT_MAX:
+        found = _bracketed_kth(flat, k, absolute=False)
+        if found is not None:
+            return found[0]
     return torch.kthvalue(flat, n - k + 1).values
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` largest entries of one tensor (by ``|x|`` when ``absolute``), as a rule applicable to any chunk.
+
+    Selected: every entry above ``threshold``; of the entries equal to it, all when ``inclusive`` (then exactly
+    ``k`` entries are ``>= threshold``), else exactly those at the flat indices ``ties`` (the first ones in
+    row-major order). ``k = 0`` selects nothing, ``k = numel`` everything.
+    """
+
+    k: int
+    numel: int
+    threshold: torch.Tensor
+    inclusive: bool
+    ties: torch.Tensor
+    absolute: bool
+
+    def mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Selection mask of ``chunk``, the entries at flat indices ``start .. start + chunk.numel()`` (row-major)."""
+        if self.k <= 0:
+            return torch.zeros(chunk.shape, dtype=torch.bool, device=chunk.device)
+        if self.k >= self.numel:
+            return torch.ones(chunk.shape, dtype=torch.bool, device=chunk.device)
+        v = chunk.abs() if self.absolute else chunk
+        if self.inclusive:
+            return v >= self.threshold
+        m = v > self.threshold
+        if self.ties.numel():
+            lo = int(torch.searchsorted(self.ties, start))
+            hi = int(torch.searchsorted(self.ties, start + chunk.numel()))
+            if hi > lo:
+                m.view(-1)[self.ties[lo:hi] - start] = True
+        return m
+
+
+def select_topk(x: torch.Tensor, k: int, absolute: bool = True) -> TopK:
+    """:class:`TopK` of the ``k`` largest ``|x|`` (or ``x``): exactly ``k`` entries, ties by lower flat index.
+
+    ``t`` = the k-th largest value (:func:`kth_largest`'s algorithm, scanning ``x`` in chunks so that no
+    full-size ``|x|`` is allocated for large tensors). If exactly ``k`` entries are ``>= t`` the rule is
+    ``>= t``; otherwise ``> t`` plus the first ``k - #{> t}`` entries equal to ``t`` in row-major order (found
+    by a chunked scan that stops early, so a mostly-zero tensor never builds an n-long index).
+    """
+    n = x.numel()
+    dev = x.device
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    zero = torch.zeros((), dtype=x.dtype, device=dev)
+    if k <= 0 or k >= n:
+        return TopK(max(0, min(k, n)), n, zero, True, empty, absolute)
+    flat = x.reshape(-1)
+    found = _bracketed_kth(flat, k, absolute) if n > DIRECT_SELECT_MAX else None
+    if found is None:
+        v = flat.abs() if absolute else flat
+        t = torch.kthvalue(v, n - k + 1).values
+        n_ge, n_gt = int(torch.count_nonzero(v >= t)), int(torch.count_nonzero(v > t))
+        del v
+    else:
+        t, n_ge, n_gt = found
+    if n_ge == k:
+        return TopK(k, n, t, True, empty, absolute)
+    need = k - n_gt
+    picked = []
+    for start in range(0, n, CHUNK_ELEMENTS):
+        v = flat[start : start + CHUNK_ELEMENTS]
+        if absolute:
+            v = v.abs()
+        idx = torch.nonzero(v == t).squeeze(1)[:need]
+        picked.append(idx + start)
+        need -= idx.numel()
+        if need == 0:
+            break
+    return TopK(k, n, t, False, torch.cat(picked), absolute)
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` entries: the largest ``magnitude``, ties broken by lower flat index.
 
-    ``t = kth_largest(magnitude, k)``; everything above ``t`` is kept, and of the entries equal to ``t`` the
-    first ``k - #{> t}`` in row-major order. ``topk_mask(a, j)`` is contained in ``topk_mask(a, k)`` for
-    ``j <= k`` (the selections are prefixes of one total order), which :func:`breadcrumbs_mask` relies on.
+    ``topk_mask(a, j)`` is contained in ``topk_mask(a, k)`` for ``j <= k`` (the selections are prefixes of one
+    total order), which :func:`breadcrumbs_mask` relies on.
     """
-    n = magnitude.numel()
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
     a = magnitude.contiguous()
-    t = kth_largest(a, k)
-    mask = a >= t
-    if int(torch.count_nonzero(mask)) == k:
-        return mask
-    mask = a > t
-    need = k - int(torch.count_nonzero(mask))
-    flat_a = a.reshape(-1)
-    flat_m = mask.view(-1)
-    for start in range(0, n, _TIE_CHUNK):  # chunked, so a mostly-zero tensor never builds an n-long index
-        idx = torch.nonzero(flat_a[start : start + _TIE_CHUNK] == t).squeeze(1)[:need]
-        flat_m[start + idx] = True
-        need -= idx.numel()
-        if need == 0:
-            break
-    return mask
+    return select_topk(a, k, absolute=False).mask(a, 0)
+
+
+def trim_rule(x: torch.Tensor, density: float) -> TopK:
+    """The selection of TIES's "trim": the ``k = round(density * numel)`` largest ``|x|`` (:func:`select_topk`)."""
+    _check_density("magnitude trim", density)
+    return select_topk(x, keep_count(density, x.numel()), absolute=True)
 
 
 def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     """TIES step 1 "trim" (Yadav et al., 2023, Sec. 3): keep the ``k = round(density * numel)`` entries of
     largest ``|x|`` (ties by index, see module docstring), zero the rest. No rescaling."""
-    _check_density("magnitude trim", density)
-    k = keep_count(density, x.numel())
-    if k >= x.numel():
+    x = x.contiguous()
+    rule = trim_rule(x, density)
+    if rule.k >= x.numel():
         return x.clone()
-    return torch.where(topk_mask(x.abs(), k), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(rule.mask(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs mask (Davari & Belilovsky, ECCV 2024, Sec. 3): drop the ``n_top = round(gamma * numel)``
+def breadcrumbs_rules(x: torch.Tensor, density: float, gamma: float) -> tuple[TopK, TopK]:
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, Sec. 3): drop the ``n_top = round(gamma * numel)``
     largest magnitudes (outliers) and the smallest, so that ``n_keep = round(density * numel)`` remain.
 
-    Kept = ranks ``[n_top, n_top + n_keep)`` of the descending-magnitude order (ties by index). ``n_keep`` is
-    capped at ``numel - n_top``. ``n_top == 0`` drops no outlier (mergekit's ``indices[n_bot:-0]`` is empty and
-    zeroes the whole tensor in that case; we do not).
+    Kept = ranks ``[n_top, n_top + n_keep)`` of the descending-magnitude order (ties by index) = the
+    ``n_top + n_keep`` largest minus the ``n_top`` largest; returns those two selections. ``n_keep`` is capped
+    at ``numel - n_top``. ``n_top == 0`` drops no outlier (mergekit's ``indices[n_bot:-0]`` is empty and zeroes
+    the whole tensor in that case; we do not).
     """
     _check_density("breadcrumbs", density)
     if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
@@ -157,10 +237,16 @@ def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n = x.numel()
     n_top = keep_count(gamma, n)
     n_keep = min(keep_count(density, n), n - n_top)
-    a = x.abs()
-    keep = topk_mask(a, n_top + n_keep)
-    if n_top > 0:
-        keep &= ~topk_mask(a, n_top)
+    return select_topk(x, n_top + n_keep), select_topk(x, n_top)
+
+
+def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Boolean mask of the entries :func:`breadcrumbs_rules` keeps."""
+    x = x.contiguous()
+    upper, outliers = breadcrumbs_rules(x, density, gamma)
+    keep = upper.mask(x)
+    if outliers.k > 0:
+        keep &= ~outliers.mask(x)
     return keep
 
 

@@ -41,12 +41,14 @@ import torch
 from adaptermerge.errors import IncompatibleAdapters, NumericalError, UsageError
 from adaptermerge.methods.catalog import SPACES, MethodInfo, ParamInfo, validate_declared
 from adaptermerge.methods.sparsify import (
-    breadcrumbs_trim,
+    CHUNK_ELEMENTS,
+    TopK,
+    breadcrumbs_rules,
     compute_dtype,
     dare_drop,
     della_drop,
-    magnitude_trim,
     module_generator,
+    trim_rule,
 )
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -206,72 +208,140 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return out
 
 
-def elect_sign(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TIES step 2 "elect" (Yadav et al., 2023, Eq. 2, mergekit's "sum" consensus on weighted vectors):
-    ``positive = sum_i tau_i >= 0`` (a boolean tensor; zero sums elect +)."""
-    total = taus[0].clone()
-    for t in taus[1:]:
-        total.add_(t)
+def elect_sign(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """TIES step 2 "elect" (Yadav et al., 2023, Eq. 2; mergekit's "sum" consensus on the weighted vectors):
+    ``positive = sum_i w_i t_i >= 0`` (a boolean tensor; zero sums elect +)."""
+    total = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights, strict=True):
+        if w != 0.0:
+            total.add_(t, alpha=w)
     return total >= 0
 
 
 def disjoint_merge(
-    taus: Sequence[torch.Tensor], abs_weights: Sequence[float], positive: torch.Tensor, normalize: bool
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
-    """TIES step 3 "disjoint merge" (Yadav et al., 2023, Eq. 3): the entries of each ``tau_i`` whose sign agrees
-    with the elected one (zeros never agree) are summed; with ``normalize`` the sum is divided by
-    ``sum_i |w_i| [tau_i agrees]`` per entry, and entries where nothing agrees are 0 (``0/0 -> 0``)."""
-    num = torch.zeros_like(taus[0])
-    den = torch.zeros_like(taus[0]) if normalize else None
-    for tau, aw in zip(taus, abs_weights, strict=True):
-        agree = torch.where(positive, tau > 0, tau < 0)
-        num.add_(torch.where(agree, tau, 0.0))
+    """TIES step 3 "disjoint merge" (Yadav et al., 2023, Eq. 3) of ``tau_i = w_i t_i``: the entries whose sign
+    agrees with the elected one (zeros never agree) are summed; with ``normalize`` the sum is divided by
+    ``sum_i |w_i| [tau_i agrees]`` per entry, and entries where nothing agrees are 0 (``0/0 -> 0``).
+
+    Computed as ``s * sum_i |w_i| max(sign(w_i) s t_i, 0)`` with ``s = +-1`` the elected sign: the same sum of
+    the agreeing ``tau_i`` in the same order, without boolean gathers.
+    """
+    sign = torch.where(positive, 1.0, -1.0).to(tensors[0].dtype)
+    neg_sign = -sign if any(w < 0 for w in weights) else None
+    num = torch.zeros_like(tensors[0])
+    den = torch.zeros_like(tensors[0]) if normalize else None
+    for t, w in zip(tensors, weights, strict=True):
+        if w == 0.0:
+            continue
+        agreeing = torch.mul(t, sign if w > 0 else neg_sign).clamp_min_(0.0)  # |t| where w t agrees, else 0
+        num.add_(agreeing, alpha=abs(w))
         if den is not None:
-            den.add_(agree.to(den.dtype), alpha=aw)
+            den.add_(agreeing > 0, alpha=abs(w))
+    num.mul_(sign)
     if den is not None:
         den.masked_fill_(den == 0, 1.0)  # nothing agrees there, so num is 0 too: 0/0 -> 0
         num.div_(den)
     return num
 
 
-def _finish(out: torch.Tensor, lambda_: float, method: str) -> torch.Tensor:
-    if lambda_ != 1.0:
-        out.mul_(lambda_)
-    if not bool(torch.isfinite(out).all()):
-        raise NumericalError(f"{method} produced non-finite values; check the inputs for NaN/Inf")
+def ties_combine(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES steps 2 and 3 on already sparsified tensors: :func:`elect_sign` then :func:`disjoint_merge`."""
+    return disjoint_merge(tensors, weights, elect_sign(tensors, weights), normalize)
+
+
+# Sparsified tasks, served row block by row block: the merge runs on cache-sized blocks (a few hundred KB per
+# task) instead of whole out x in matrices, which saves most of the memory traffic and every full-size temporary.
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """2-D row-major view: ``(shape[0], prod(rest))``; a vector is one row."""
+    if x.dim() >= 2:
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(1, -1)
+
+
+class _Masked:
+    """A deterministic magnitude selection (``keep`` minus ``drop``), applied to each row block on demand."""
+
+    def __init__(self, x: torch.Tensor, keep: TopK, drop: TopK | None = None) -> None:
+        self.rows2d = _as_rows(x)
+        self.keep = keep
+        self.drop = drop if drop is not None and drop.k > 0 else None
+        self.everything = keep.k >= keep.numel and self.drop is None
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        block = self.rows2d[r0:r1]
+        if self.everything:
+            return block
+        start = r0 * self.rows2d.shape[1]
+        mask = self.keep.mask(block, start)
+        if self.drop is not None:
+            mask &= ~self.drop.mask(block, start)
+        return torch.where(mask, block, torch.zeros((), dtype=block.dtype, device=block.device))
+
+
+class _Dense:
+    """A task sparsified up front (random drops: one draw per entry in row-major order over the whole tensor)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.rows2d = _as_rows(x)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        return self.rows2d[r0:r1]
+
+
+def _merge(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    prepare: Callable[[torch.Tensor], _Masked | _Dense],
+    combine: Callable[[list[torch.Tensor], Sequence[float]], torch.Tensor],
+    lambda_: float,
+    method: str,
+) -> torch.Tensor:
+    """Sparsify every task (``prepare``, in list order), then ``combine`` them row block by row block, times
+    ``lambda``; refuse non-finite results."""
+    dt = compute_dtype(tensors[0])
+    xs = [t.to(dt).contiguous() for t in tensors]
+    prepared = [prepare(x) for x in xs]
+    out = torch.empty(xs[0].shape, dtype=dt, device=xs[0].device)
+    out2d = _as_rows(out)
+    n_rows, n_cols = out2d.shape
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        block = combine([p.rows(r0, r1) for p in prepared], weights)
+        if lambda_ != 1.0:
+            block.mul_(lambda_)
+        if not bool(torch.isfinite(block).all()):
+            raise NumericalError(f"{method} produced non-finite values; check the inputs for NaN/Inf")
+        out2d[r0:r1] = block
     return out
 
 
-def _linear(
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    sparsify: Callable[[torch.Tensor], torch.Tensor],
-    lambda_: float,
-    method: str,
-) -> torch.Tensor:
-    dt = compute_dtype(tensors[0])
-    out = torch.zeros(tensors[0].shape, dtype=dt, device=tensors[0].device)
-    for t, w in zip(tensors, weights, strict=True):
-        out.add_(sparsify(t.to(dt)), alpha=w)  # every task draws, also at weight 0: draws do not depend on weights
-    return _finish(out, lambda_, method)
+def _linear(tensors, weights, prepare, lambda_: float, method: str) -> torch.Tensor:
+    return _merge(tensors, weights, prepare, weighted_sum, lambda_, method)
 
 
-def _ties(
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    sparsify: Callable[[torch.Tensor], torch.Tensor],
-    lambda_: float,
-    normalize: bool,
-    method: str,
-) -> torch.Tensor:
-    dt = compute_dtype(tensors[0])
-    taus = []
-    for t, w in zip(tensors, weights, strict=True):
-        tau = sparsify(t.to(dt))
-        taus.append(tau.mul_(w) if w != 1.0 else tau)
-    positive = elect_sign(taus)
-    out = disjoint_merge(taus, [abs(w) for w in weights], positive, normalize)
-    return _finish(out, lambda_, method)
+def _ties(tensors, weights, prepare, lambda_: float, normalize: bool, method: str) -> torch.Tensor:
+    return _merge(tensors, weights, prepare, lambda ts, ws: ties_combine(ts, ws, normalize), lambda_, method)
+
+
+def _trim(density: float) -> Callable[[torch.Tensor], _Masked]:
+    return lambda x: _Masked(x, trim_rule(x, density))
+
+
+def _breadcrumbs(density: float, gamma: float) -> Callable[[torch.Tensor], _Masked]:
+    return lambda x: _Masked(x, *breadcrumbs_rules(x, density, gamma))
+
+
+def _dare(density: float, g: torch.Generator) -> Callable[[torch.Tensor], _Dense]:
+    return lambda x: _Dense(dare_drop(x, density, g))  # every task draws, also at weight 0
+
+
+def _della(density: float, epsilon: float, g: torch.Generator) -> Callable[[torch.Tensor], _Dense]:
+    return lambda x: _Dense(della_drop(x, density, epsilon, g))
 
 
 def _gen(generator: torch.Generator | None, seed: int) -> torch.Generator:
@@ -291,7 +361,7 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """Task arithmetic (Ilharco et al., ICLR 2023): ``lambda * sum_i w_i delta_i``."""
     ws = check_inputs(tensors, weights)
-    return _finish(weighted_sum(tensors, ws), params.lambda_, "task_arithmetic")
+    return _linear(tensors, ws, _Dense, params.lambda_, "task_arithmetic")
 
 
 def ties(
@@ -304,7 +374,7 @@ def ties(
     sign of ``sum_i w_i trimmed_i``, disjoint merge (mean over agreeing entries, or sum without normalize),
     times ``lambda``."""
     ws = check_inputs(tensors, weights)
-    return _ties(tensors, ws, lambda t: magnitude_trim(t, params.density), params.lambda_, params.normalize, "ties")
+    return _ties(tensors, ws, _trim(params.density), params.lambda_, params.normalize, "ties")
 
 
 def magnitude_prune(
@@ -315,7 +385,7 @@ def magnitude_prune(
 ) -> torch.Tensor:
     """Magnitude pruning then task arithmetic: ``lambda * sum_i w_i trim(delta_i, density)``."""
     ws = check_inputs(tensors, weights)
-    return _linear(tensors, ws, lambda t: magnitude_trim(t, params.density), params.lambda_, "magnitude_prune")
+    return _linear(tensors, ws, _trim(params.density), params.lambda_, "magnitude_prune")
 
 
 def dare_linear(
@@ -329,7 +399,7 @@ def dare_linear(
     from ``generator``. ``density = 1`` equals :func:`task_arithmetic` exactly."""
     ws = check_inputs(tensors, weights)
     g = _gen(generator, params.seed)
-    return _linear(tensors, ws, lambda t: dare_drop(t, params.density, g), params.lambda_, "dare_linear")
+    return _linear(tensors, ws, _dare(params.density, g), params.lambda_, "dare_linear")
 
 
 def dare_ties(
@@ -341,7 +411,7 @@ def dare_ties(
     """DARE (Yu et al., ICML 2024) + TIES election and disjoint merge of the dropped-and-rescaled deltas."""
     ws = check_inputs(tensors, weights)
     g = _gen(generator, params.seed)
-    return _ties(tensors, ws, lambda t: dare_drop(t, params.density, g), params.lambda_, params.normalize, "dare_ties")
+    return _ties(tensors, ws, _dare(params.density, g), params.lambda_, params.normalize, "dare_ties")
 
 
 def breadcrumbs(
@@ -353,9 +423,7 @@ def breadcrumbs(
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): drop each delta's ``gamma`` largest and its smallest
     entries so that ``density`` remain, then ``lambda * sum_i w_i masked_i``."""
     ws = check_inputs(tensors, weights)
-    return _linear(
-        tensors, ws, lambda t: breadcrumbs_trim(t, params.density, params.gamma), params.lambda_, "breadcrumbs"
-    )
+    return _linear(tensors, ws, _breadcrumbs(params.density, params.gamma), params.lambda_, "breadcrumbs")
 
 
 def breadcrumbs_ties(
@@ -367,12 +435,7 @@ def breadcrumbs_ties(
     """Breadcrumbs masks, then TIES election and disjoint merge (mergekit's ``breadcrumbs_ties``)."""
     ws = check_inputs(tensors, weights)
     return _ties(
-        tensors,
-        ws,
-        lambda t: breadcrumbs_trim(t, params.density, params.gamma),
-        params.lambda_,
-        params.normalize,
-        "breadcrumbs_ties",
+        tensors, ws, _breadcrumbs(params.density, params.gamma), params.lambda_, params.normalize, "breadcrumbs_ties"
     )
 
 
@@ -387,14 +450,7 @@ def della(
     disjoint merge, times ``lambda``."""
     ws = check_inputs(tensors, weights)
     g = _gen(generator, params.seed)
-    return _ties(
-        tensors,
-        ws,
-        lambda t: della_drop(t, params.density, params.epsilon, g),
-        params.lambda_,
-        params.normalize,
-        "della",
-    )
+    return _ties(tensors, ws, _della(params.density, params.epsilon, g), params.lambda_, params.normalize, "della")
 
 
 def della_linear(
@@ -406,9 +462,7 @@ def della_linear(
     """DELLA MagPrune then task arithmetic: ``lambda * sum_i w_i magprune(delta_i)``."""
     ws = check_inputs(tensors, weights)
     g = _gen(generator, params.seed)
-    return _linear(
-        tensors, ws, lambda t: della_drop(t, params.density, params.epsilon, g), params.lambda_, "della_linear"
-    )
+    return _linear(tensors, ws, _della(params.density, params.epsilon, g), params.lambda_, "della_linear")
 
 
 # ------------------------------------------------------------------------------------------------ table

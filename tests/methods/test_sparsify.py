@@ -71,6 +71,7 @@ def test_sampled_selection_path_equals_kthvalue(seed, n, data):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sparsify, "DIRECT_SELECT_MAX", 0)
         mp.setattr(sparsify, "_SAMPLE_TARGET", 8)
+        mp.setattr(sparsify, "CHUNK_ELEMENTS", 5)
         _check_sampled(seed, n, data)
 
 
@@ -85,6 +86,7 @@ def _check_sampled(seed, n, data):
         a = (torch.randn(n // 2 + 1, 1, generator=g) @ torch.randn(1, 2, generator=g)).abs().reshape(-1)
     k = data.draw(st.integers(1, a.numel()))
     assert float(kth_largest(a, k)) == float(torch.kthvalue(a, a.numel() - k + 1).values)
+    assert torch.equal(topk_mask(a, k), reference_topk(a, k))
 
 
 def test_sampled_selection_on_a_large_lowrank_module():

@@ -346,3 +346,28 @@ def test_method_functions_match_the_table():
     assert BY_NAME["ties"].fn is ties and BY_NAME["della"].fn is della and BY_NAME["dare_ties"].fn is dare_ties
     assert BY_NAME["breadcrumbs"].fn is breadcrumbs and BY_NAME["breadcrumbs_ties"].fn is breadcrumbs_ties
     assert BY_NAME["magnitude_prune"].fn is magnitude_prune and BY_NAME["della_linear"].fn is della_linear
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_PARAMS))
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 12), cols=st.integers(1, 12), ties_=st.booleans())
+def test_row_blocks_and_sampled_selection_change_nothing(name, seed, rows, cols, ties_):
+    """Tiny blocks (one row each, selections scanned in 3-entry chunks, always bracketed) give the same bytes as
+    whole-tensor processing, also with many equal magnitudes (ties straddling block boundaries)."""
+    from adaptermerge.methods import sparsify, task_arithmetic
+
+    g = gen(seed)
+    if ties_:
+        tensors = [torch.randint(-2, 3, (rows, cols), generator=g).double() for _ in range(3)]
+    else:
+        tensors = [torch.randn(rows, cols, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = [0.5, -1.0, 2.0]
+    p = SPARSE_PARAMS[name]
+    ref = BY_NAME[name].fn(tensors, w, p, gen(seed))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(task_arithmetic, "CHUNK_ELEMENTS", 1)
+        mp.setattr(sparsify, "CHUNK_ELEMENTS", 3)
+        mp.setattr(sparsify, "DIRECT_SELECT_MAX", 0)
+        mp.setattr(sparsify, "_SAMPLE_TARGET", 4)
+        out = BY_NAME[name].fn(tensors, w, p, gen(seed))
+    assert torch.equal(out, ref)

@@ -1,0 +1,143 @@
+"""Per-module timings of the merge methods (issue 11) on Llama-7B-shaped modules, 3 adapters of rank 16.
+
+For each module shape (default 4096 x 4096 and 11008 x 4096) and every method, the time of ``merge_module``
+(project, merge, map back / re-factor) in each space, and for ``ties`` in the delta space the split into its
+steps (dense deltas, trim, election + disjoint merge, re-factoring). Also the top-k selection alternatives on
+one flattened module (``torch.kthvalue``, ``torch.topk``, ours), and the peak RSS of a fresh process running
+``ties`` end to end on the largest module.
+
+Usage::
+
+    python benchmarks/bench_methods.py                 # both shapes
+    python benchmarks/bench_methods.py --shapes 4096x4096 --threads 2
+    python benchmarks/bench_methods.py --quick         # 1024 x 1024 smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from adaptermerge.lowrank import LowRank
+from adaptermerge.methods.spaces import delta_space, merge_module
+from adaptermerge.methods.sparsify import keep_count, kth_largest, magnitude_trim
+from adaptermerge.methods.subspace import SUBSPACE_METHODS
+from adaptermerge.methods.task_arithmetic import ELEMENTWISE_METHODS, TiesParams, disjoint_merge, elect_sign
+from adaptermerge.refactor import refactor_dense
+
+
+def terms_for(out: int, inn: int, rank: int = 16, tasks: int = 3, seed: int = 0) -> list[tuple[float, LowRank]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            1.0 / tasks,
+            LowRank(A=torch.randn(rank, inn, generator=g) / inn**0.5, B=torch.randn(out, rank, generator=g) * 0.01),
+        )
+        for _ in range(tasks)
+    ]
+
+
+def timed(fn, repeat: int = 1):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def bench_selection(out: int, inn: int) -> None:
+    d = terms_for(out, inn)[0][1].delta()
+    a = d.abs().reshape(-1)
+    k = keep_count(0.2, a.numel())
+    print(f"\ntop-k threshold on |delta| of {out} x {inn} (k = 20%):")
+    t, v1 = timed(lambda: torch.kthvalue(a, a.numel() - k + 1).values, 2)
+    print(f"  torch.kthvalue          {t * 1000:8.0f} ms")
+    t, v2 = timed(lambda: torch.topk(a, k, sorted=False).values.min(), 2)
+    print(f"  torch.topk              {t * 1000:8.0f} ms")
+    t, v3 = timed(lambda: kth_largest(a, k), 2)
+    print(f"  kth_largest (ours)      {t * 1000:8.0f} ms   (same value: {float(v1) == float(v2) == float(v3)})")
+
+
+def bench_ties_steps(out: int, inn: int) -> None:
+    terms = terms_for(out, inn)
+    print(f"\nties (density 0.2) in delta space, {out} x {inn}, steps:")
+    t, proj = timed(lambda: delta_space([m for _, m in terms]))
+    print(f"  dense deltas (3 x B@A)  {t * 1000:8.0f} ms")
+    t, trimmed = timed(lambda: [magnitude_trim(x, 0.2).mul_(w) for (w, _), x in zip(terms, proj.reps)])
+    print(f"  trim (3 tasks)          {t * 1000:8.0f} ms")
+    t, pos = timed(lambda: elect_sign(trimmed))
+    print(f"  elect sign              {t * 1000:8.0f} ms")
+    t, merged = timed(lambda: disjoint_merge(trimmed, [abs(w) for w, _ in terms], pos, True))
+    print(f"  disjoint merge          {t * 1000:8.0f} ms")
+    t, r = timed(lambda: refactor_dense(merged, default_rank=48))
+    print(f"  re-factor to rank 48    {t * 1000:8.0f} ms   ({r.algorithm}, kept energy {r.kept_energy:.3f})")
+    t, r = timed(lambda: refactor_dense(merged, default_rank=48, power_iterations=1))
+    print(f"  ... with 1 power iter   {t * 1000:8.0f} ms   ({r.algorithm}, kept energy {r.kept_energy:.3f})")
+
+
+def bench_methods(out: int, inn: int, spaces: list[str]) -> None:
+    terms = terms_for(out, inn)
+    print(f"\nmerge_module, {out} x {inn}, 3 adapters of rank 16 (seconds):")
+    print(f"  {'method':18s}" + "".join(f"{s:>10s}" for s in spaces))
+    for m in ELEMENTWISE_METHODS:
+        row = []
+        for s in spaces:
+            t, _ = timed(
+                lambda m=m, s=s: merge_module(
+                    terms, m, m.params_cls(), space=s, generator=torch.Generator().manual_seed(0)
+                )
+            )
+            row.append(t)
+        print(f"  {m.name:18s}" + "".join(f"{t:10.3f}" for t in row))
+    for m in SUBSPACE_METHODS:
+        t, _ = timed(lambda m=m: merge_module(terms, m, m.params_cls(), space="core"))
+        print(f"  {m.name:18s}" + f"{'':>10s}" * spaces.index("core") + f"{t:10.3f}  (factored)")
+
+
+def child_peak(out: int, inn: int) -> None:
+    terms = terms_for(out, inn)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    r = merge_module(terms, next(m for m in ELEMENTWISE_METHODS if m.name == "ties"), TiesParams(), space="delta")
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        f"  ties delta {out} x {inn}: {dt:.2f} s, peak RSS {peak / 1024:.0f} MiB (before: {base / 1024:.0f} MiB), rank {r.rank}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096x4096,11008x4096")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        out, inn = map(int, args.child.split("x"))
+        child_peak(out, inn)
+        return
+    shapes = ["1024x1024"] if args.quick else args.shapes.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    for shape in shapes:
+        out, inn = map(int, shape.split("x"))
+        bench_selection(out, inn)
+        bench_ties_steps(out, inn)
+        bench_methods(out, inn, ["delta", "core", "knots"])
+    print("\npeak RSS of a fresh process (ties, delta space, end to end):")
+    for shape in shapes:
+        cmd = [sys.executable, __file__, "--child", shape] + (["--threads", str(args.threads)] if args.threads else [])
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
