@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ import torch
 
 from adaptermerge.lowrank import LowRank
 from adaptermerge.methods.spaces import delta_space, merge_module
-from adaptermerge.methods.sparsify import keep_count, kth_largest, magnitude_trim
+from adaptermerge.methods.sparsify import keep_count, kth_largest, trim_rule
 from adaptermerge.methods.subspace import SUBSPACE_METHODS
-from adaptermerge.methods.task_arithmetic import ELEMENTWISE_METHODS, TiesParams, disjoint_merge, elect_sign
+from adaptermerge.methods.task_arithmetic import ELEMENTWISE_METHODS, TiesParams, ties
 from adaptermerge.refactor import refactor_dense
 
 
@@ -67,18 +66,17 @@ def bench_selection(out: int, inn: int) -> None:
 
 def bench_ties_steps(out: int, inn: int) -> None:
     terms = terms_for(out, inn)
+    w = [t[0] for t in terms]
     print(f"\nties (density 0.2) in delta space, {out} x {inn}, steps:")
     t, proj = timed(lambda: delta_space([m for _, m in terms]))
     print(f"  dense deltas (3 x B@A)  {t * 1000:8.0f} ms")
-    t, trimmed = timed(lambda: [magnitude_trim(x, 0.2).mul_(w) for (w, _), x in zip(terms, proj.reps)])
-    print(f"  trim (3 tasks)          {t * 1000:8.0f} ms")
-    t, pos = timed(lambda: elect_sign(trimmed))
-    print(f"  elect sign              {t * 1000:8.0f} ms")
-    t, merged = timed(lambda: disjoint_merge(trimmed, [abs(w) for w, _ in terms], pos, True))
-    print(f"  disjoint merge          {t * 1000:8.0f} ms")
-    t, r = timed(lambda: refactor_dense(merged, default_rank=48))
+    t, _ = timed(lambda: [trim_rule(x, 0.2) for x in proj.reps], 2)
+    print(f"  top-k rules (3 tasks)   {t * 1000:8.0f} ms")
+    t, merged = timed(lambda: ties(proj.reps, w, TiesParams()), 2)
+    print(f"  ties (rules + blocks)   {t * 1000:8.0f} ms")
+    t, r = timed(lambda: refactor_dense(merged, default_rank=48), 2)
     print(f"  re-factor to rank 48    {t * 1000:8.0f} ms   ({r.algorithm}, kept energy {r.kept_energy:.3f})")
-    t, r = timed(lambda: refactor_dense(merged, default_rank=48, power_iterations=1))
+    t, r = timed(lambda: refactor_dense(merged, default_rank=48, power_iterations=1), 2)
     print(f"  ... with 1 power iter   {t * 1000:8.0f} ms   ({r.algorithm}, kept energy {r.kept_energy:.3f})")
 
 
@@ -90,26 +88,35 @@ def bench_methods(out: int, inn: int, spaces: list[str]) -> None:
         row = []
         for s in spaces:
             t, _ = timed(
-                lambda m=m, s=s: merge_module(
-                    terms, m, m.params_cls(), space=s, generator=torch.Generator().manual_seed(0)
-                )
+                lambda m=m, s=s: merge_module(terms, m, m.params_cls(), s, generator=torch.Generator().manual_seed(0)),
+                repeat=1 if s == "delta" else 3,
             )
             row.append(t)
         print(f"  {m.name:18s}" + "".join(f"{t:10.3f}" for t in row))
     for m in SUBSPACE_METHODS:
-        t, _ = timed(lambda m=m: merge_module(terms, m, m.params_cls(), space="core"))
+        t, _ = timed(lambda m=m: merge_module(terms, m, m.params_cls(), space="core"), repeat=3)
         print(f"  {m.name:18s}" + f"{'':>10s}" * spaces.index("core") + f"{t:10.3f}  (factored)")
+
+
+def _hwm_mib() -> float:
+    """Peak RSS of this process (VmHWM; unlike ru_maxrss it is not inherited from the parent across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def child_peak(out: int, inn: int) -> None:
     terms = terms_for(out, inn)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _hwm_mib()
     t0 = time.perf_counter()
     r = merge_module(terms, next(m for m in ELEMENTWISE_METHODS if m.name == "ties"), TiesParams(), space="delta")
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dense = out * inn * 4 / 2**20
     print(
-        f"  ties delta {out} x {inn}: {dt:.2f} s, peak RSS {peak / 1024:.0f} MiB (before: {base / 1024:.0f} MiB), rank {r.rank}"
+        f"  ties delta {out} x {inn}: {dt:.2f} s, peak RSS {_hwm_mib():.0f} MiB (after imports: {base:.0f} MiB; "
+        f"one dense fp32 module = {dense:.0f} MiB), rank {r.rank}"
     )
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 import torch
+import torch.nn.functional as F
 
 from adaptermerge.errors import UsageError
 
@@ -139,6 +140,29 @@ class TopK:
     ties: torch.Tensor
     absolute: bool
 
+    def select(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``chunk`` where selected, 0 elsewhere, for the entries at flat indices ``start ..`` (row-major).
+
+        Float operations only (``F.threshold`` at the largest float below the threshold, or at the threshold
+        plus the tied entries, then ``copysign``): several times faster than boolean masks on CPU. May return
+        ``chunk`` itself when everything is selected; callers must not modify the result in place.
+        """
+        if self.k <= 0:
+            return torch.zeros_like(chunk)
+        if self.k >= self.numel:
+            return chunk
+        v = chunk.abs() if self.absolute else chunk
+        t = self.threshold.to(v.dtype)
+        cut = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=v.dtype))) if self.inclusive else float(t)
+        kept = F.threshold(v, cut, 0.0)
+        if not self.inclusive and self.ties.numel():
+            lo = int(torch.searchsorted(self.ties, start))
+            hi = int(torch.searchsorted(self.ties, start + chunk.numel()))
+            if hi > lo:
+                idx = self.ties[lo:hi] - start
+                kept.view(-1)[idx] = v.reshape(-1)[idx]
+        return torch.copysign(kept, chunk) if self.absolute else kept
+
     def mask(self, chunk: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Selection mask of ``chunk``, the entries at flat indices ``start .. start + chunk.numel()`` (row-major)."""
         if self.k <= 0:
@@ -217,9 +241,7 @@ def magnitude_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     largest ``|x|`` (ties by index, see module docstring), zero the rest. No rescaling."""
     x = x.contiguous()
     rule = trim_rule(x, density)
-    if rule.k >= x.numel():
-        return x.clone()
-    return torch.where(rule.mask(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.clone() if rule.k >= x.numel() else rule.select(x)
 
 
 def breadcrumbs_rules(x: torch.Tensor, density: float, gamma: float) -> tuple[TopK, TopK]:

@@ -210,25 +210,27 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 
 def elect_sign(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES step 2 "elect" (Yadav et al., 2023, Eq. 2; mergekit's "sum" consensus on the weighted vectors):
-    ``positive = sum_i w_i t_i >= 0`` (a boolean tensor; zero sums elect +)."""
+    ``s = +1 where sum_i w_i t_i >= 0, else -1`` (zero sums elect +), as a float tensor of +-1."""
     total = torch.zeros_like(tensors[0])
     for t, w in zip(tensors, weights, strict=True):
         if w != 0.0:
             total.add_(t, alpha=w)
-    return total >= 0
+    # copysign(1, total): +1 for total >= 0 (a sum started at +0.0 is never -0.0), -1 below
+    return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
 
 
 def disjoint_merge(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor, normalize: bool
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
-    """TIES step 3 "disjoint merge" (Yadav et al., 2023, Eq. 3) of ``tau_i = w_i t_i``: the entries whose sign
-    agrees with the elected one (zeros never agree) are summed; with ``normalize`` the sum is divided by
-    ``sum_i |w_i| [tau_i agrees]`` per entry, and entries where nothing agrees are 0 (``0/0 -> 0``).
+    """TIES step 3 "disjoint merge" (Yadav et al., 2023, Eq. 3) of ``tau_i = w_i t_i`` under the elected sign
+    ``s = +-1``: the entries whose sign agrees with ``s`` (zeros never agree) are summed; with ``normalize`` the
+    sum is divided by ``sum_i |w_i| [tau_i agrees]`` per entry, and entries where nothing agrees are 0
+    (``0/0 -> 0``).
 
-    Computed as ``s * sum_i |w_i| max(sign(w_i) s t_i, 0)`` with ``s = +-1`` the elected sign: the same sum of
-    the agreeing ``tau_i`` in the same order, without boolean gathers.
+    Computed with float operations only: ``a_i = max(sign(w_i) s t_i, 0)`` is ``|t_i|`` where ``tau_i`` agrees,
+    else 0; ``out = s * sum_i |w_i| a_i / sum_i |w_i| sign(a_i)``. Where nothing agrees the divisor is raised to
+    ``min_i |w_i|`` (the numerator is 0 there), which leaves every other entry exact.
     """
-    sign = torch.where(positive, 1.0, -1.0).to(tensors[0].dtype)
     neg_sign = -sign if any(w < 0 for w in weights) else None
     num = torch.zeros_like(tensors[0])
     den = torch.zeros_like(tensors[0]) if normalize else None
@@ -238,11 +240,12 @@ def disjoint_merge(
         agreeing = torch.mul(t, sign if w > 0 else neg_sign).clamp_min_(0.0)  # |t| where w t agrees, else 0
         num.add_(agreeing, alpha=abs(w))
         if den is not None:
-            den.add_(agreeing > 0, alpha=abs(w))
+            den.add_(agreeing.sign_(), alpha=abs(w))
     num.mul_(sign)
     if den is not None:
-        den.masked_fill_(den == 0, 1.0)  # nothing agrees there, so num is 0 too: 0/0 -> 0
-        num.div_(den)
+        nonzero = [abs(w) for w in weights if w != 0.0]
+        if nonzero:
+            num.div_(den.clamp_min_(min(nonzero)))
     return num
 
 
@@ -276,10 +279,10 @@ class _Masked:
         if self.everything:
             return block
         start = r0 * self.rows2d.shape[1]
-        mask = self.keep.mask(block, start)
-        if self.drop is not None:
-            mask &= ~self.drop.mask(block, start)
-        return torch.where(mask, block, torch.zeros((), dtype=block.dtype, device=block.device))
+        kept = self.keep.select(block, start)
+        if self.drop is not None:  # drop is a subset of keep: x - x = 0 exactly, x - 0 = x
+            kept = kept - self.drop.select(block, start)
+        return kept
 
 
 class _Dense:
@@ -314,7 +317,8 @@ def _merge(
         block = combine([p.rows(r0, r1) for p in prepared], weights)
         if lambda_ != 1.0:
             block.mul_(lambda_)
-        if not bool(torch.isfinite(block).all()):
+        # the sum is finite iff every entry is (or the sum overflowed: then look at the entries)
+        if not math.isfinite(float(block.sum())) and not bool(torch.isfinite(block).all()):
             raise NumericalError(f"{method} produced non-finite values; check the inputs for NaN/Inf")
         out2d[r0:r1] = block
     return out
