@@ -11,6 +11,7 @@ Usage::
     python benchmarks/bench_methods.py                 # both shapes
     python benchmarks/bench_methods.py --shapes 4096x4096 --threads 2
     python benchmarks/bench_methods.py --quick         # 1024 x 1024 smoke run
+    python benchmarks/bench_methods.py --model 32 --method ties --space delta   # whole Llama-7B shape
 """
 
 from __future__ import annotations
@@ -120,15 +121,47 @@ def child_peak(out: int, inn: int) -> None:
     )
 
 
+LLAMA7B_MODULES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q k v o gate up down
+
+
+def bench_model(layers: int, method: str, space: str) -> None:
+    """A whole Llama-7B-shaped merge, module by module (factors made per module, then dropped), in this process:
+    total time and peak RSS."""
+    info = next(m for m in (*ELEMENTWISE_METHODS, *SUBSPACE_METHODS) if m.name == method)
+    base = _hwm_mib()
+    t0 = time.perf_counter()
+    kept = []
+    for layer in range(layers):
+        for j, (out, inn) in enumerate(LLAMA7B_MODULES):
+            terms = terms_for(out, inn, seed=layer * 7 + j)
+            r = merge_module(terms, info, info.params_cls(), space, generator=torch.Generator().manual_seed(layer))
+            kept.append(r.kept_energy)
+            del terms, r
+    dt = time.perf_counter() - t0
+    n = layers * len(LLAMA7B_MODULES)
+    print(
+        f"{method} in {space} space, {n} Llama-7B-shaped modules, 3 adapters of rank 16: {dt:.1f} s "
+        f"({dt / n:.2f} s/module), peak RSS {_hwm_mib():.0f} MiB (after imports {base:.0f} MiB), "
+        f"mean kept energy {sum(kept) / len(kept):.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,11008x4096")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=int, default=None, metavar="LAYERS", help="whole-model run over LAYERS layers")
+    ap.add_argument("--method", default="ties")
+    ap.add_argument("--space", default="delta")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+        bench_model(args.model, args.method, args.space)
+        return
     if args.child:
         out, inn = map(int, args.child.split("x"))
         child_peak(out, inn)

@@ -48,6 +48,7 @@ from adaptermerge.methods.sparsify import (
     dare_drop,
     della_drop,
     module_generator,
+    single_threaded,
     trim_rule,
 )
 
@@ -309,6 +310,12 @@ def _merge(
     xs = [t.to(dt).contiguous() for t in tensors]
     prepared = [prepare(x) for x in xs]
     out = torch.empty(xs[0].shape, dtype=dt, device=xs[0].device)
+    with single_threaded():
+        _merge_blocks(prepared, weights, combine, lambda_, method, out)
+    return out
+
+
+def _merge_blocks(prepared, weights, combine, lambda_: float, method: str, out: torch.Tensor) -> None:
     out2d = _as_rows(out)
     n_rows, n_cols = out2d.shape
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
@@ -321,7 +328,6 @@ def _merge(
         if not math.isfinite(float(block.sum())) and not bool(torch.isfinite(block).all()):
             raise NumericalError(f"{method} produced non-finite values; check the inputs for NaN/Inf")
         out2d[r0:r1] = block
-    return out
 
 
 def _linear(tensors, weights, prepare, lambda_: float, method: str) -> torch.Tensor:
