@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.lowrank import factored_svd
 
@@ -131,12 +132,20 @@ def randomized_svd(
     y = delta @ omega
     if h:
         y = torch.cat([hint[:, :h].to(delta.dtype), y], dim=1)
-    q, _ = torch.linalg.qr(y)
+    q = _orth(y)
     for _ in range(q_iter):
-        z, _ = torch.linalg.qr(delta.T @ q)
-        q, _ = torch.linalg.qr(delta @ z)
-    u, s, vh = torch.linalg.svd(q.T @ delta, full_matrices=False)
-    return q @ u, s, vh
+        q = _orth(delta @ _orth(delta.T @ q))
+    b = q.T @ delta  # w x in
+    with single_threaded():  # svd(b) through b^T = Q2 R2: only the small w x w SVD
+        q2, r2 = torch.linalg.qr(b.T)
+        u, s, vh = torch.linalg.svd(r2.T, full_matrices=False)
+    return q @ u, s, vh @ q2.T
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of a tall-skinny matrix's columns (thin QR on one thread, see :mod:`adaptermerge.cpu`)."""
+    with single_threaded():
+        return torch.linalg.qr(y).Q
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +213,11 @@ def refactor_dense(
     while True:
         sketch = min(width + oversample, full)
         if full <= exact_max_dim or sketch >= EXACT_RANK_FRACTION * full:
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            if full <= exact_max_dim:
+                with single_threaded():
+                    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            else:
+                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
             algorithm = "exact"
             computed_all = True
         else:
@@ -240,7 +253,8 @@ def refactor_factored(
     m, n = B.shape[0], A.shape[1]
     if B.shape[1] == 0:
         return Refactored(B.new_zeros(m, 0), A.new_zeros(0, n), 0, 1.0, "factored", torch.zeros(0, dtype=torch.float64))
-    fs = factored_svd(B, A)
+    with single_threaded():
+        fs = factored_svd(B, A)
     s = fs.S
     total_sq = float(torch.sum(s.double() ** 2))
     if not math.isfinite(total_sq):
@@ -248,7 +262,8 @@ def refactor_factored(
     floor = noise_floor(s, B.shape[1], scale, dtype=B.dtype)
     cap = s.numel() if rank is None else min(rank, s.numel())
     k, _ = choose_rank(s, total_sq, cap, energy, floor)
-    b, a = fs.factors(k)
+    with single_threaded():
+        b, a = fs.factors(k)
     kept = float(torch.sum(s[:k].double() ** 2))
     ke = 1.0 if total_sq == 0.0 else min(1.0, kept / total_sq)
     return Refactored(b, a, k, ke, "factored", s.double())

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.lowrank import LowRank, factored_svd
 from adaptermerge.methods.catalog import SPACES, MethodInfo
@@ -182,9 +183,11 @@ def project(mods: Sequence[LowRank], space: str, dtype: torch.dtype | None = Non
     if space == "delta":
         return delta_space(mods, dtype)
     if space == "core":
-        return core_space(mods, dtype)
+        with single_threaded():
+            return core_space(mods, dtype)
     if space == "knots":
-        return knots_space(mods, dtype)
+        with single_threaded():
+            return knots_space(mods, dtype)
     raise UsageError(f"unknown space {space!r}; choose one of: {', '.join(SPACES)}")
 
 
@@ -229,7 +232,11 @@ def merge_module(
         scale = abs(float(getattr(params, "lambda_", 1.0))) * sum(abs(w) * m.frobenius_norm() for w, m in terms)
         return refactor_factored(b, a, rank, energy, scale=scale)
     proj = project(mods, space, dtype)
-    merged = method.fn(proj.reps, weights, params, generator)
+    if space == "delta":
+        merged = method.fn(proj.reps, weights, params, generator)
+    else:
+        with single_threaded():  # R x R cores / k x in blocks: small operations
+            merged = method.fn(proj.reps, weights, params, generator)
     scale = abs(float(getattr(params, "lambda_", 1.0))) * sum(abs(w) * m.frobenius_norm() for w, m in terms)
     if space == "delta":
         out, inn = proj.shape

@@ -22,17 +22,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 import torch.nn.functional as F
 
+from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import UsageError
 
 DIRECT_SELECT_MAX = 1 << 20
@@ -43,27 +42,6 @@ CHUNK_ELEMENTS = 1 << 18
 """Entries per chunk of the chunked scans (1 MiB of fp32: stays in cache)."""
 
 _SAMPLE_TARGET = 1 << 16
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the enclosed torch CPU ops on one intra-op thread, then restore the caller's setting.
-
-    The block-wise scans and merges issue many small memory-bound ops (a few hundred KB each). Each parallel
-    op synchronises its threads; on a machine shared with other work a descheduled thread stalls every op
-    (measured on 2 loaded cores: ties on a 4096 x 4096 module 0.25 s on one thread, 0.7-7 s on two). One thread
-    is both faster and stable there. Matrix products elsewhere keep the caller's thread count. The setting is
-    process-global: do not merge modules from several Python threads at once.
-    """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.lowrank import LowRank
 from adaptermerge.methods.catalog import SPACES, MethodInfo, ParamInfo, validate_declared
@@ -303,10 +304,11 @@ def core_factors(proj: Projection, core: torch.Tensor) -> tuple[torch.Tensor, to
 def _factored(terms: Terms, fn, params) -> tuple[torch.Tensor, torch.Tensor]:
     if not terms:
         raise UsageError("a module merge needs at least one adapter touching the module")
-    proj = core_space([m for _, m in terms])
-    budget = min(proj.reps[0].shape)
-    core = fn(proj.reps, [w for w, _ in terms], params, budget)
-    return core_factors(proj, core)
+    with single_threaded():  # everything here is a small LAPACK call or an R x R product
+        proj = core_space([m for _, m in terms])
+        budget = min(proj.reps[0].shape)
+        core = fn(proj.reps, [w for w, _ in terms], params, budget)
+        return core_factors(proj, core)
 
 
 def tsv(terms: Terms, params: TsvParams = TsvParams()) -> tuple[torch.Tensor, torch.Tensor]:

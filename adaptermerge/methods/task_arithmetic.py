@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import IncompatibleAdapters, NumericalError, UsageError
 from adaptermerge.methods.catalog import SPACES, MethodInfo, ParamInfo, validate_declared
 from adaptermerge.methods.sparsify import (
@@ -48,7 +49,6 @@ from adaptermerge.methods.sparsify import (
     dare_drop,
     della_drop,
     module_generator,
-    single_threaded,
     trim_rule,
 )
 
