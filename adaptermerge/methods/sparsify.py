@@ -320,7 +320,8 @@ def dare_drop(x: torch.Tensor, density: float, generator: torch.Generator) -> to
     if density <= 0.0:
         return torch.zeros_like(x)
     u = _uniform(x.shape, generator, x)
-    return torch.where(u < density, x / density, torch.zeros((), dtype=x.dtype, device=x.device))
+    keep = u.neg_().add_(density).clamp_min_(0.0).sign_()  # 1 where u < density, else 0 (float ops only)
+    return keep.mul_(x).div_(density)
 
 
 def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -365,4 +366,5 @@ def della_drop(x: torch.Tensor, density: float, epsilon: float, generator: torch
     """
     p = della_keep_probabilities(x, density, epsilon)
     u = _uniform(x.shape, generator, x)
-    return torch.where(u < p, x / p, torch.zeros((), dtype=x.dtype, device=x.device))
+    keep = u.neg_().add_(p).clamp_min_(0.0).sign_()  # 1 where u < p, else 0
+    return keep.mul_(x).div_(p)
