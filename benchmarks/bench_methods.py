@@ -104,6 +104,23 @@ def bench_methods(out: int, inn: int, spaces: list[str]) -> None:
         print(f"  {m.name:18s}" + f"{'':>10s}" * spaces.index("core") + f"{t:10.3f}  (factored)")
 
 
+def bench_space_differences(out: int, inn: int) -> None:
+    """How far the core/KnOTS results of each elementwise method are from its delta-space result (relative
+    Frobenius distance of the stored adapters), and each from task arithmetic (by design they differ)."""
+    terms = terms_for(out, inn)
+    ta = sum(w * m.delta() for w, m in terms)
+    print(f"\nspace differences, {out} x {inn}: ||X - X_delta|| / ||X_delta||  (and ||X - TA|| / ||TA||)")
+    for m in ELEMENTWISE_METHODS:
+        dense = {}
+        for s in ("delta", "core", "knots"):
+            r = merge_module(terms, m, m.params_cls(), s, generator=torch.Generator().manual_seed(0))
+            dense[s] = r.B @ r.A
+        ref = dense["delta"]
+        cells = [f"{s} {float((dense[s] - ref).norm() / ref.norm()):.3f}" for s in ("core", "knots")]
+        vs_ta = [f"{s} {float((dense[s] - ta).norm() / ta.norm()):.3f}" for s in ("delta", "core", "knots")]
+        print(f"  {m.name:18s} " + "  ".join(cells) + "   vs TA: " + "  ".join(vs_ta))
+
+
 def _hwm_mib() -> float:
     """Peak RSS of this process (VmHWM; unlike ru_maxrss it is not inherited from the parent across exec)."""
     with open("/proc/self/status") as f:
@@ -178,6 +195,7 @@ def main() -> None:
         bench_selection(out, inn)
         bench_ties_steps(out, inn)
         bench_methods(out, inn, ["delta", "core", "knots"])
+        bench_space_differences(out, inn)
     print("\npeak RSS of a fresh process (ties, delta space, end to end):")
     for shape in shapes:
         cmd = [sys.executable, __file__, "--child", shape] + (["--threads", str(args.threads)] if args.threads else [])
