@@ -23,7 +23,7 @@ from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.atomic import check_output_path
 from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
-from adaptermerge.methods.registry import Kind, Method, RankRule, get_method
+from adaptermerge.methods.registry import BaseMerge, Kind, Method, RankRule, get_method
 from adaptermerge.tokens import combine_token_rows
 
 BATCH = 32  # modules per batched QR/SVD
@@ -186,6 +186,7 @@ def combine(
     base: str | os.PathLike | Checkpoint | None = None,
     *,
     keep_factors: bool = False,
+    dense: bool = False,
     **method_params: Any,
 ) -> Adapter:
     """Combine adapters into one new adapter.
@@ -211,6 +212,9 @@ def combine(
             combined row ``base + sum_i w_i (row_i - base)`` contains the base row. Without it such inputs are refused.
         keep_factors: return the method's factors without re-ranking them (what a merge into a base adds for a
             method whose declaration says ``BaseMerge.STACKED``: the exact sum, never decomposed).
+        dense: for a method declared ``BaseMerge.DENSE`` in the delta space, return :class:`DenseModule` entries
+            whose merged delta is computed when a merge into a base reads it (nothing lost to re-factoring; only
+            :func:`adaptermerge.merge_into_base` takes such an adapter).
         **method_params: the method's own parameters (``density=0.5``...), as its declaration lists them.
 
     Returns:
@@ -240,10 +244,13 @@ def combine(
     token_rows = _combine_tokens(loaded, w, base, out_dtype)  # cheap, and refusals come before the algebra
 
     inputs = _module_terms(loaded, w, call)
-    results, reports = _RUNNERS[call.spec.kind](inputs, call)
-    if call.spec.reports_error:
-        _measure_error(results, reports, inputs, call)
-    modules, warnings = _assemble(results, inputs)
+    if dense and call.spec.base_merge is BaseMerge.DENSE and call.params.get("space") == "delta":
+        modules, reports, warnings = _dense_modules(inputs, call)
+    else:
+        results, reports = _RUNNERS[call.spec.kind](inputs, call)
+        if call.spec.reports_error:
+            _measure_error(results, reports, inputs, call)
+        modules, warnings = _assemble(results, inputs)
     extras, notes = _combine_extras(loaded, names, w)
     warnings += notes + _method_notes(call, reports) + _bias_notes(modules, list(inputs))
     task_types = {a.task_type for a in loaded} - {None}
@@ -319,11 +326,49 @@ Results = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def _run_factored(inputs: dict[str, _Terms], call: _Call) -> tuple[Results, dict[str, ModuleReport]]:
     """Factored methods: the method's stacked factors per module, then its rank rule."""
-    ctx = call.context()
-    if call.keep_factors or call.spec.rank_rule is RankRule.KEEP:
-        results = {m: call.spec.fn(t.terms, ctx) for m, t in inputs.items()}
+    spec = call.spec
+    if spec.params_cls is None:  # the function takes the context (device, compute dtype) and moves the factors
+        params, prepared = call.context(), (lambda t: t.terms)
+    else:
+        params, prepared = spec.make_params(call.params), (lambda t: _on_device(t.terms, call))
+    if call.keep_factors or spec.rank_rule is RankRule.KEEP:
+        results = {m: spec.fn(prepared(t), params) for m, t in inputs.items()}
         return results, {m: ModuleReport(m, t.ranks, int(results[m][1].shape[0]), 1.0) for m, t in inputs.items()}
-    return _rerank_batched(inputs, call, lambda mod: call.spec.fn(inputs[mod].terms, ctx))
+    return _rerank_batched(inputs, call, lambda mod: spec.fn(prepared(inputs[mod]), params))
+
+
+def _on_device(terms: list[tuple[float, LowRank]], call: _Call) -> list[tuple[float, LowRank]]:
+    return [(w, m.to(dtype=call.compute_dtype, device=call.device)) for w, m in terms]
+
+
+def _run_elementwise(inputs: dict[str, _Terms], call: _Call) -> tuple[Results, dict[str, ModuleReport]]:
+    """Elementwise methods, module by module: the tasks' representations in the chosen space, the method, then back
+    to factors (exactly from the core/KnOTS spaces; re-factored from a dense delta-space result)."""
+    from adaptermerge.methods.spaces import merge_module
+
+    params = call.spec.make_params(call.params)
+    results: Results = {}
+    reports: dict[str, ModuleReport] = {}
+    bar = _progress(len(inputs), call.progress, f"{call.spec.name} ({call.params['space']} space)")
+    for mod, t in inputs.items():
+        r = merge_module(
+            _on_device(t.terms, call), call.spec, params, call.params["space"], _generator(call, mod),
+            call.rank, call.energy, dtype=call.compute_dtype,
+        )  # fmt: skip
+        results[mod] = (r.B, r.A)
+        reports[mod] = ModuleReport(mod, t.ranks, r.rank, r.kept_energy)
+        bar.update(1)
+    bar.close()
+    return results, reports
+
+
+def _generator(call: _Call, module: str) -> Any:
+    """Each module's own random stream for stochastic methods (identical in any order and on every run)."""
+    if not call.spec.stochastic:
+        return None
+    from adaptermerge.methods.sparsify import module_generator
+
+    return module_generator(call.params["seed"], module, call.device)
 
 
 def _rerank_batched(inputs: dict[str, _Terms], call: _Call, stack) -> tuple[Results, dict[str, ModuleReport]]:
@@ -365,7 +410,63 @@ def _output_rank(s: torch.Tensor, t: _Terms, call: _Call) -> int:
     return min(k, s.numel())
 
 
-_RUNNERS = {Kind.FACTORED: _run_factored}
+_RUNNERS = {Kind.FACTORED: _run_factored, Kind.ELEMENTWISE: _run_elementwise}
+
+
+@dataclass
+class DenseModule:
+    """A module whose merged delta is computed, dense, when a merge into a base reads it (``BaseMerge.DENSE``).
+
+    It plans like a :class:`LowRank` (``layout``, ``shape``, ``weight_shape``; no bias or magnitude): the merge
+    executor asks for :meth:`weight_delta` while it writes that one tensor, so memory holds a few dense modules at
+    most, and the base receives the method's exact result rather than a re-factored approximation.
+    """
+
+    terms: list[tuple[float, LowRank]]
+    layout: str
+    call: _Call
+    module: str
+    bias: torch.Tensor | None = None  # the weighted sum of the inputs' lora_B biases
+    magnitude: None = None
+    _norm: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.terms[0][1].shape
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        out, inn = self.shape
+        return (inn, out) if self.layout == "conv1d" else (out, inn)
+
+    @property
+    def rank(self) -> int:
+        return min(sum(m.rank for _, m in self.terms), *self.shape)
+
+    def weight_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The method's dense result in the base weight's stored layout (transposed for Conv1D)."""
+        from adaptermerge.methods.spaces import delta_space
+
+        call = self.call
+        proj = delta_space([m for _, m in _on_device(self.terms, call)], call.compute_dtype)
+        fn_params = call.spec.make_params(call.params)
+        d = call.spec.fn(proj.reps, [w for w, _ in self.terms], fn_params, _generator(call, self.module))
+        self._norm = float(torch.linalg.vector_norm(d))
+        d = d.to(dtype)
+        return d.T if self.layout == "conv1d" else d
+
+    def frobenius_norm(self) -> float:
+        if self._norm is None:
+            self.weight_delta()
+        return float(self._norm)
+
+
+def _dense_modules(inputs: dict[str, _Terms], call: _Call) -> tuple[dict, dict[str, ModuleReport], list[str]]:
+    modules = {
+        m: DenseModule(t.terms, t.layout, call, m, None if t.bias is None else t.bias.cpu()) for m, t in inputs.items()
+    }
+    reports = {m: ModuleReport(m, t.ranks, modules[m].rank, 1.0) for m, t in inputs.items()}
+    return modules, reports, []
 
 
 def _measure_error(results: Results, reports: dict[str, ModuleReport], inputs: dict[str, _Terms], call: _Call) -> None:

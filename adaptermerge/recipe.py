@@ -228,3 +228,49 @@ def load_merge_recipe(path: str | os.PathLike) -> dict[str, Any]:
         "dequantize": bool(params.get("dequantize", False)),
         "allow_different_base": bool(params.get("allow_different_base", False)),
     }
+
+
+# ----------------------------------------------------------------------------------------------- extract
+
+
+def extract_recipe(prov: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of an extracted adapter: both checkpoints with the SHA-256 of every file, and the options."""
+    from adaptermerge import __version__
+
+    return {
+        "adaptermerge_version": __version__,
+        "operation": "extract",
+        "base": str(Path(prov["base"]).resolve()),
+        "base_sha256": checkpoint_hashes(prov["base"]),
+        "tuned": str(Path(prov["tuned"]).resolve()),
+        "tuned_sha256": checkpoint_hashes(prov["tuned"]),
+        "parameters": {
+            "rank": prov["rank"],
+            "energy": prov["energy"],
+            "skip_undecomposable": bool(prov.get("skip_undecomposable", False)),
+            "dtype": prov.get("dtype"),
+        },
+    }
+
+
+def load_extract_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Keyword arguments for :func:`adaptermerge.extract_lora` from an extract recipe (every input file checked)."""
+    p = Path(path)
+    try:
+        recipe = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read recipe {p}: {' '.join(str(e).split())}") from None
+    if not isinstance(recipe, dict) or recipe.get("operation") != "extract" or not recipe.get("base"):
+        raise UsageError(f"{p} is not an adaptermerge extract recipe (operation: extract)")
+    for key in ("base", "tuned"):
+        recipe[key] = str(_absolute(p, recipe[key]))
+        check_unchanged(recipe[key], recipe.get(f"{key}_sha256"))
+    params = recipe.get("parameters") or {}
+    return {
+        "base": recipe["base"],
+        "tuned": recipe["tuned"],
+        "rank": params.get("rank"),
+        "energy": params.get("energy"),
+        "skip_undecomposable": bool(params.get("skip_undecomposable", False)),
+        "dtype": params.get("dtype"),
+    }

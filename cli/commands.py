@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from adaptermerge_cli.main import cli, emit
+from adaptermerge_cli.methods import MethodCommand, split_method_params
 
 
 def format_adapter(d: dict[str, Any], verbose: bool) -> str:
@@ -26,13 +27,15 @@ def format_adapter(d: dict[str, Any], verbose: bool) -> str:
     for m in mods:
         shape = "x".join(map(str, m["shape"]))
         lines.append(
-            f"{m['name'][-60:]:60s} {m['rank']:4d} {m.get('scaling', 1.0):8.4g} {shape:>14s} {m.get('delta_norm', float('nan')):10.4g}"
+            f"{m['name'][-60:]:60s} {m['rank']:4d} {m.get('scaling', 1.0):8.4g} {shape:>14s} {_norm_text(m.get('delta_norm')):>10s}"
         )
     if len(d["modules"]) > len(mods):
         lines.append(f"... {len(d['modules']) - len(mods)} more (use --all or --json)")
-    for w in d["warnings"]:
-        lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _norm_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 def format_checkpoint(d: dict[str, Any]) -> str:
@@ -47,8 +50,6 @@ def format_checkpoint(d: dict[str, Any]) -> str:
         lines.append(
             f"quantized   {d['quantized_4bit_modules']} modules 4-bit {d['quant_types']}  config {d['quantization'].get('quant_method')}"
         )
-    for w in d["warnings"]:
-        lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 
@@ -70,35 +71,32 @@ def inspect_cmd(path: str, as_json: bool, verbose: bool, no_norms: bool) -> None
       adaptermerge inspect ./Llama-3-8B --json
     """
     from adaptermerge.inspection import describe
+    from adaptermerge_cli.main import warn
 
     d = describe(path, norms=not no_norms)
     text = format_adapter(d, verbose) if d["kind"] == "adapter" else format_checkpoint(d)
+    warn(d["warnings"])
     emit(d, as_json, text)
-
-
-def _method_help() -> str:
-    from adaptermerge.methods.registry import METHODS, method_names
-
-    return "; ".join(f"{n}: {METHODS[n].title}" for n in method_names())
 
 
 def format_combine(d: dict[str, Any]) -> str:
     mods = d["modules"]
     ranks = sorted({m["rank"] for m in mods})
-    worst = min((m["kept_energy"] for m in mods), default=1.0)
+    weights = " ".join(f"{w:.4g}" for w in d["weights"])
     lines = [
         f"wrote {d['output']}",
-        f"method {d['method']}  weights {d['weights']}  modules {len(mods)}  output ranks {ranks}",
-        f"kept energy: lowest {worst:.6f}, mean {sum(m['kept_energy'] for m in mods) / max(len(mods), 1):.6f}",
+        f"method {d['method']}  weights {weights}  modules {len(mods)}  output ranks {ranks}",
     ]
     errs = [m["rel_error_vs_exact"] for m in mods if m.get("rel_error_vs_exact") is not None]
-    if errs:
-        lines.append(f"relative error vs exact weighted sum: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
-    lines += [f"warning: {w}" for w in d["warnings"]]
+    if errs:  # a method that is not the weighted sum: its error is the figure, not the kept energy of its own factors
+        lines.append(f"relative error vs the exact weighted sum: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    else:
+        ke = [m["kept_energy"] for m in mods]
+        lines.append(f"kept energy: lowest {min(ke, default=1.0):.6f}, mean {sum(ke) / max(len(ke), 1):.6f}")
     return "\n".join(lines)
 
 
-@cli.command("combine")
+@cli.command("combine", cls=MethodCommand)
 @click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--weights",
@@ -107,14 +105,9 @@ def format_combine(d: dict[str, Any]) -> str:
     help="One weight per adapter, space- or comma-separated (default: equal, summing to 1).",
 )
 @click.option(
-    "--method",
-    default="linear",
-    show_default=True,
-    help="Merge method. "
-    + "linear: exact weighted sum; cat: concatenation; svd: best rank-k; factor-linear: PEFT's 'linear'.",
-)
-@click.option(
-    "--rank", type=click.IntRange(min=1), help="Output rank (svd; truncates linear). svd default: largest input rank."
+    "--rank",
+    type=click.IntRange(min=1),
+    help="Output rank, as the method's rank rule says (svd: default the largest input rank; linear: truncates).",
 )
 @click.option(
     "--energy",
@@ -152,11 +145,10 @@ def format_combine(d: dict[str, Any]) -> str:
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no warnings (errors still print).")
 def combine_cmd(
     adapters: tuple[str, ...],
     weights_s: str | None,
-    method: str,
     rank: int | None,
     energy: float | None,
     device: str,
@@ -169,33 +161,34 @@ def combine_cmd(
     overwrite: bool,
     as_json: bool,
     quiet: bool,
+    **method_kwargs: Any,
 ) -> None:
-    """Combine LoRA adapters into one PEFT adapter folder.
+    """Combine LoRA adapters into one PEFT adapter folder (exact sums, SVD, TIES/DARE, subspace methods).
 
-    Methods: linear (exact weighted sum of deltas, stored at its numerical rank), cat (concatenated
-    factors), svd (best rank-k approximation of the exact sum; --rank or --energy), factor-linear
-    (PEFT's add_weighted_adapter 'linear', which is not the weighted sum; a warning gives its error).
-    The output carries a model card and a recipe that replays the merge byte for byte.
+    Every method is listed under --method and in docs/methods.md with its formula and paper; its own
+    parameters (--density, --lambda, --space, ...) follow. linear is the exact weighted sum of the deltas
+    (unlike PEFT's 'linear', which is factor-linear here). The output carries a model card and a recipe that
+    replays the merge byte for byte.
 
     \b
     Examples:
       adaptermerge combine ./math ./code --weights 0.7 0.3 -o ./math-code
       adaptermerge combine ./a ./b ./c --method svd --rank 32 -o ./abc
-      adaptermerge combine ./a ./b --method svd --energy 0.99 --rank 64 -o ./ab
+      adaptermerge combine ./a ./b --method ties --density 0.3 -o ./ab-ties
+      adaptermerge combine ./a ./b --method dare_ties --density 0.5 --seed 1 --space core -o ./ab-dare
       adaptermerge combine ./pissa-adapter ./lora-adapter --base ./Llama-3-8B -o ./mixed
       adaptermerge combine --recipe ./ab/adaptermerge_recipe.yaml -o ./ab-again
     """
     from adaptermerge.combination import combine, save_combined
     from adaptermerge.errors import UsageError
-    from adaptermerge.methods.registry import get_method
-    from adaptermerge_cli.main import parse_floats, refuse_with_recipe
+    from adaptermerge_cli.main import parse_floats, refuse_with_recipe, warn
 
-    get_method(method)
+    method, method_params = split_method_params(method_kwargs)
     if recipe_path:
-        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base)
+        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base, method != "linear", method_params)
         from adaptermerge.recipe import load_recipe, recipe_arguments
 
-        kwargs = recipe_arguments(load_recipe(recipe_path))
+        kwargs = recipe_arguments(load_recipe(recipe_path), recipe_path)
     else:
         if not adapters:
             raise UsageError("give at least one adapter folder (or --recipe FILE)")
@@ -209,6 +202,7 @@ def combine_cmd(
             compute_dtype=compute_dtype,
             allow_different_base=allow_different_base,
             base=base,
+            **method_params,
         )
     from adaptermerge.io.atomic import check_output_path
 
@@ -222,9 +216,11 @@ def combine_cmd(
         "output": str(out),
         "method": prov["method"],
         "weights": prov["weights"],
+        "params": prov.get("params", {}),
         "modules": prov["modules"],
         "warnings": result.warnings,
     }
+    warn(result.warnings, quiet)
     emit(d, as_json, format_combine(d))
 
 

@@ -97,7 +97,7 @@ def parse_floats(value: str | None, name: str) -> list[float] | None:
 
 def refuse_with_recipe(*given: Any) -> None:
     """A recipe replays everything it records: refuse other inputs or merge options beside it."""
-    if any(given):
+    if any(g is not None and g is not False and g != () and g != {} for g in given):
         from adaptermerge.errors import UsageError
 
         raise UsageError("--recipe replays everything it records; give only -o/--overwrite/--device with it")
@@ -179,11 +179,19 @@ def _option_flags() -> dict[str, str]:
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
-    """Print ``data`` as JSON or ``text`` for people."""
+    """The result on stdout: ``data`` as JSON (parseable whatever else is printed) or ``text`` for people."""
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         click.echo(text)
+
+
+def warn(warnings: list[str], quiet: bool = False) -> None:
+    """Warnings on stderr, one line each, in the CLI's words (results stay alone on stdout)."""
+    if quiet:
+        return
+    for w in warnings:
+        click.echo(f"warning: {cli_message(w)}", err=True)
 
 
 @click.group(cls=AppGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

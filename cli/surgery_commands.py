@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from adaptermerge_cli.main import cli, emit
+from adaptermerge_cli.main import cli, emit, warn
+from adaptermerge_cli.methods import MethodCommand, split_method_params
 
 
 def format_merge(d: dict[str, Any]) -> str:
@@ -29,13 +30,12 @@ def format_merge(d: dict[str, Any]) -> str:
             lines.append(
                 f"4-bit: delta carried by the stored weights: mean {sum(surv) / len(surv):.2f}, min {min(surv):.2f}"
             )
-    lines += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(lines)
 
 
-@cli.command("merge")
-@click.argument("base", required=False, type=click.Path(exists=True, file_okay=False))
-@click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@cli.command("merge", cls=MethodCommand)
+@click.argument("base", metavar="BASE", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("adapters", metavar="ADAPTER [ADAPTER ...]", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--weights",
     "weights_s",
@@ -43,38 +43,51 @@ def format_merge(d: dict[str, Any]) -> str:
     help="One weight per adapter (default: 1 for one adapter, equal otherwise).",
 )
 @click.option(
-    "--method",
-    default="linear",
-    show_default=True,
-    help="How several adapters combine (see 'adaptermerge combine --help').",
+    "--rank",
+    type=click.IntRange(min=1),
+    help="Apply the method's rank rule before merging, as combine does (linear: the exact sum is added unless given).",
 )
-@click.option("--rank", type=click.IntRange(min=1), help="Rank for --method svd.")
-@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), help="Energy for --method svd.")
+@click.option(
+    "--energy",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="As --rank, by the fraction of ||delta||_F^2 kept per module.",
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Convert floating tensors (default: keep)."
 )
 @click.option(
     "--quantize",
     type=click.Choice(["nf4", "fp4"]),
-    help="Write a 4-bit checkpoint of the merged weights (16-bit base).",
+    help="Write a 4-bit checkpoint of the merged weights (16-bit base), the layers transformers quantizes.",
 )
 @click.option("--dequantize", is_flag=True, help="4-bit base: write a 16-bit checkpoint of dequant(W4) + delta.")
 @click.option(
     "--optimize-scales",
     is_flag=True,
-    help="4-bit: choose each block's scale to minimise the error of W + delta (slower; default: absmax scales like PEFT).",
+    help="4-bit: choose each block's scale to minimise the error of W + delta (slower; default: absmax like PEFT).",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the per-module arithmetic runs.",
+)
+@click.option("--allow-different-base", is_flag=True, help="Merge adapters whose base_model_name_or_path differ.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Merge an adapter that the base's own recipe says is already merged into it (adds its delta twice).",
+)
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a merge recipe.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no warnings (errors still print).")
 def merge_cmd(
     base: str | None,
     adapters: tuple[str, ...],
     weights_s: str | None,
-    method: str,
     rank: int | None,
     energy: float | None,
     dtype: str | None,
@@ -82,33 +95,39 @@ def merge_cmd(
     dequantize: bool,
     optimize_scales: bool,
     device: str,
+    allow_different_base: bool,
+    force: bool,
     recipe_path: str | None,
     output: str,
     overwrite: bool,
     as_json: bool,
     quiet: bool,
+    **method_kwargs: Any,
 ) -> None:
     """Fold adapters into a base checkpoint (merge_and_unload without loading the model).
 
-    Streams tensor by tensor: memory stays at the largest tensor, whatever the model size. The output
-    has the base's tensor names, dtypes and sharding, its config and tokenizer files, a model card and a
-    recipe. 4-bit bitsandbytes bases are dequantized, merged and re-quantized per module, with the error
-    reported.
+    Streams tensor by tensor: memory stays at the largest tensor, whatever the model size. The output has the
+    base's tensor names, dtypes and sharding, its config and tokenizer files, a model card and a recipe.
+    Several adapters are combined by --method first; elementwise methods (ties, dare_*, ...) add their dense
+    result per module, nothing lost to re-factoring. 4-bit bitsandbytes bases are dequantized, merged and
+    re-quantized per module, with the error reported.
 
     \b
     Examples:
       adaptermerge merge ./Llama-3-8B ./my-adapter -o ./merged
       adaptermerge merge ./base ./math ./code --weights 0.7 0.3 -o ./merged
+      adaptermerge merge ./base ./math ./code --method ties --density 0.3 -o ./merged-ties
       adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter -o ./merged-nf4
       adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter --dequantize -o ./merged-bf16
       adaptermerge merge ./Llama-3-8B ./my-adapter --quantize nf4 -o ./merged-nf4
     """
     from adaptermerge.errors import UsageError
     from adaptermerge.surgery.merge import merge_into_base
-    from adaptermerge_cli.main import parse_floats, refuse_with_recipe
+    from adaptermerge_cli.main import parse_floats, refuse_with_recipe, warn
 
+    method, method_params = split_method_params(method_kwargs)
     if recipe_path:
-        refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize)
+        refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize, method_params)
         from adaptermerge.recipe import load_merge_recipe
 
         kwargs = load_merge_recipe(recipe_path)
@@ -125,6 +144,8 @@ def merge_cmd(
             dtype=dtype,
             quantize=quantize,
             dequantize=dequantize,
+            allow_different_base=allow_different_base,
+            **method_params,
         )
     rep = merge_into_base(
         **kwargs,
@@ -132,10 +153,12 @@ def merge_cmd(
         optimize_scales=optimize_scales,
         device=device,
         overwrite=overwrite,
+        force=force,
         progress=not quiet,
         threads=click.get_current_context().meta.get("adaptermerge.threads"),
     )
     d = rep.to_dict()
+    warn(rep.warnings, quiet)
     emit(d, as_json, format_merge(d))
 
 
@@ -152,7 +175,6 @@ def format_ranked(d: dict[str, Any]) -> str:
         )
     if d.get("modules_to_save"):
         lines.append(f"modules_to_save: {len(d['modules_to_save'])} tensors copied in full")
-    lines += [f"warning: {w}" for w in d.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -164,13 +186,16 @@ def format_ranked(d: dict[str, Any]) -> str:
     type=click.FloatRange(0.0, 1.0, min_open=True),
     help="Keep the smallest rank holding this fraction of ||delta||_F^2.",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the algebra runs."
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: the input's)."
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no warnings (errors still print).")
 def resize_cmd(
     adapter: str,
     rank: int | None,
@@ -180,6 +205,7 @@ def resize_cmd(
     output: str,
     overwrite: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Re-rank one adapter by factored SVD (best rank-k per module, or by kept energy).
 
@@ -193,15 +219,16 @@ def resize_cmd(
     from adaptermerge.surgery.resize import resize_adapter
 
     check_output_path(output, [adapter], overwrite=overwrite)
-    result = resize_adapter(adapter, rank=rank, energy=energy, device=device, dtype=dtype)
+    result = resize_adapter(adapter, rank=rank, energy=energy, device=device, dtype=dtype, progress=not quiet)
     out = save_combined(result, output, overwrite=overwrite)
     d = {"output": str(out), "modules": result.provenance["modules"], "warnings": result.warnings}
+    warn(d.get("warnings", []), quiet)
     emit(d, as_json, format_ranked(d))
 
 
 @cli.command("extract")
-@click.argument("base", type=click.Path(exists=True, file_okay=False))
-@click.argument("tuned", type=click.Path(exists=True, file_okay=False))
+@click.argument("base", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("tuned", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--rank", type=click.IntRange(min=1), help="Rank per module (cap when --energy is given).")
 @click.option(
     "--energy",
@@ -213,17 +240,26 @@ def resize_cmd(
     is_flag=True,
     help="Skip changed norms/biases instead of saving their modules in full (modules_to_save).",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the algebra runs."
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Adapter dtype (default: the checkpoint's)."
+)
+@click.option(
+    "--recipe",
+    "recipe_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Replay an extract recipe (adaptermerge_recipe.yaml) instead of giving the checkpoints.",
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Per-module report as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no warnings (errors still print).")
 def extract_cmd(
-    base: str, tuned: str, rank: int | None, energy: float | None, skip_undecomposable: bool, device: str,
-    dtype: str | None, output: str, overwrite: bool, as_json: bool, quiet: bool,
+    base: str | None, tuned: str | None, rank: int | None, energy: float | None, skip_undecomposable: bool,
+    device: str, dtype: str | None, recipe_path: str | None, output: str, overwrite: bool, as_json: bool,
+    quiet: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter approximating a fully fine-tuned checkpoint (tuned - base per layer).
 
@@ -236,22 +272,27 @@ def extract_cmd(
       adaptermerge extract ./base ./tuned --energy 0.9 --rank 128 --skip-undecomposable -o ./extracted
     """
     from adaptermerge.dtypes import resolve_dtype
+    from adaptermerge.errors import UsageError
     from adaptermerge.io.atomic import check_output_path
     from adaptermerge.surgery.extract import extract_lora, save_extracted
+    from adaptermerge_cli.main import refuse_with_recipe
 
-    check_output_path(output, [base, tuned], overwrite=overwrite)
-    adapter, report = extract_lora(
-        base,
-        tuned,
-        rank=rank,
-        energy=energy,
-        skip_undecomposable=skip_undecomposable,
-        device=device,
-        dtype=resolve_dtype(dtype),
-        progress=not quiet,
-    )
+    if recipe_path:
+        refuse_with_recipe(base, tuned, rank, energy, skip_undecomposable, dtype)
+        from adaptermerge.recipe import load_extract_recipe
+
+        kwargs = load_extract_recipe(recipe_path)
+    elif not (base and tuned):
+        raise UsageError("give the base and the fine-tuned checkpoint folders (or --recipe FILE)")
+    else:
+        kwargs = dict(base=base, tuned=tuned, rank=rank, energy=energy, skip_undecomposable=skip_undecomposable,
+                      dtype=dtype)  # fmt: skip
+    check_output_path(output, [kwargs["base"], kwargs["tuned"]], overwrite=overwrite)
+    kwargs["dtype"] = resolve_dtype(kwargs["dtype"])
+    adapter, report = extract_lora(**kwargs, device=device, progress=not quiet)
     out = save_extracted(adapter, report, output, overwrite=overwrite)
     d = {"output": str(out), **report.to_dict()}
+    warn(d.get("warnings", []), quiet)
     emit(d, as_json, format_ranked(d))
 
 
@@ -268,7 +309,9 @@ def extract_cmd(
     help="Adapter folder saved right after get_peft_model, before training (any of pissa, pissa_niter_K, olora, "
     "corda, lora_ga).",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the algebra runs."
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype (default: the adapter's)."
 )
@@ -316,4 +359,5 @@ def convert_cmd(
     text = [
         f"wrote {out}: init_lora_weights={d['init_lora_weights']!r} as plain LoRA, {len(result.modules)} modules, ranks {ranks}"
     ]
-    emit(d, as_json, "\n".join(text + [f"warning: {w}" for w in result.warnings]))
+    warn(result.warnings)
+    emit(d, as_json, "\n".join(text))

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptermerge.adapter import Adapter
-from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter
+from adaptermerge.errors import InvalidAdapter, UnsafeFormat, UnsupportedAdapter, UsageError
 from adaptermerge.io.atomic import atomic_dir, check_output_path
 from adaptermerge.io.peft_config import changes_base, check_config, targets_module, training_only_tensor
 from adaptermerge.io.safetensors_header import read_header
@@ -400,6 +400,12 @@ def save_adapter(
     """Write ``adapter`` as a PEFT folder at ``path`` atomically. See :meth:`Adapter.save`."""
     inputs = [adapter.source] if adapter.source is not None else []
     out = check_output_path(path, inputs, overwrite=overwrite)
+    dense = [n for n, m in adapter.modules.items() if not isinstance(m, LowRank)]
+    if dense:
+        raise UsageError(
+            f"module {dense[0]} holds a method's dense result (combine(..., dense=True)), which only a merge into a "
+            "base takes; combine without `dense` to write an adapter"
+        )
     if changes_base(adapter.config):
         raise UnsupportedAdapter(
             f"the adapter holds the raw factors of an init_lora_weights={adapter.config['init_lora_weights']!r} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,11 +62,17 @@ class Param:
     low: float | None = None
     high: float | None = None
     open_low: bool = False
+    open_high: bool = False
     choices: tuple[str, ...] | None = None
+    attr: str | None = None  # the attribute of the method's params dataclass, when it is not ``name`` (``lambda_``)
 
     @property
     def option(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def field(self) -> str:
+        return self.attr or self.name
 
     def check(self, value: Any) -> Any:
         """The value as this parameter's type, or a :class:`UsageError` naming the option and the range."""
@@ -83,23 +90,30 @@ class Param:
             else:
                 v = self.type(value)
         except (TypeError, ValueError):
-            raise UsageError(f"{self.option} must be {self.type.__name__}, got {value!r}") from None
+            raise UsageError(f"`{self.name}` must be {self.type.__name__}, got {value!r}") from None
         if self.choices is not None and v not in self.choices:
-            raise UsageError(f"{self.option} must be one of {', '.join(self.choices)}, got {v!r}")
-        if self.low is not None and (v < self.low or (self.open_low and v == self.low)):
-            raise UsageError(f"{self.option} must be {'>' if self.open_low else '>='} {self.low:g}, got {v}")
-        if self.high is not None and v > self.high:
-            raise UsageError(f"{self.option} must be <= {self.high:g}, got {v}")
+            raise UsageError(f"`{self.name}` must be one of {', '.join(self.choices)}, got {v!r}")
+        if self.type in (int, float) and not math.isfinite(v):
+            raise UsageError(f"`{self.name}` must be a finite number, got {v!r}")
+        low_bad = self.low is not None and (v < self.low or (self.open_low and v == self.low))
+        high_bad = self.high is not None and (v > self.high or (self.open_high and v == self.high))
+        if low_bad or high_bad:
+            raise UsageError(f"`{self.name}` must be in {self.range_text()}, got {v}")
         return v
 
     def range_text(self) -> str:
+        """``(0, 1]``, ``[0, inf)``, ``a | b``, or ``any``."""
         if self.choices:
             return " | ".join(self.choices)
+        if self.type is bool:
+            return "true | false"
         if self.low is None and self.high is None:
-            return ""
-        lo = "" if self.low is None else f"{self.low:g} {'<' if self.open_low else '<='} "
-        hi = "" if self.high is None else f" <= {self.high:g}"
-        return f"{lo}x{hi}"
+            return "any"
+        left = ("(" if self.open_low or self.low is None else "[") + ("-inf" if self.low is None else f"{self.low:g}")
+        right = ("inf" if self.high is None else f"{self.high:g}") + (
+            ")" if self.open_high or self.high is None else "]"
+        )
+        return f"{left}, {right}"
 
 
 @dataclass(frozen=True)
@@ -136,27 +150,60 @@ class Method:
     reports_error: bool = False
     spaces: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
+    params_cls: type | None = None
+
+    @property
+    def all_params(self) -> tuple[Param, ...]:
+        """The method's parameters plus ``space`` for methods that run in several spaces."""
+        return self.params + ((SPACE_PARAM,) if len(self.spaces) > 1 else ())
+
+    @property
+    def stochastic(self) -> bool:
+        return any(p.name == "seed" for p in self.params)
 
     def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
+        """A parameter by its name or its dataclass field (``lambda`` or ``lambda_``)."""
+        return next((p for p in self.all_params if name in (p.name, p.field)), None)
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Every declared parameter with its value (given, else the default); refuses parameters it lacks."""
+        """Every declared parameter with its value (given, else the default); refuses parameters it lacks.
+
+        ``given`` may name a parameter by its name or its dataclass field (``lambda_``, for Python callers who cannot
+        write ``lambda=``); ``None`` means not given.
+        """
         unknown = sorted(k for k, v in given.items() if v is not None and self.param(k) is None)
         if unknown:
-            opts = ", ".join("--" + k.replace("_", "-") for k in unknown)
-            takes = ", ".join(p.option for p in self.params) or "no method options"
+            opts = ", ".join(f"`{k}`" for k in unknown)
+            takes = ", ".join(f"`{p.name}`" for p in self.all_params) or "no parameters of its own"
             raise UsageError(f"method {self.name} does not take {opts} (it takes {takes})")
         out = {}
-        for p in self.params:
-            v = p.check(given.get(p.name))
+        for p in self.all_params:
+            value = given.get(p.name, given.get(p.field))
+            v = p.check(value)
             out[p.name] = p.default if v is None else v
         return out
+
+    def make_params(self, resolved: dict[str, Any]) -> Any:
+        """What the method's function receives: its params dataclass built from resolved values (the dict itself
+        for methods without one)."""
+        if self.params_cls is None:
+            return dict(resolved)
+        return self.params_cls(**{p.field: resolved[p.name] for p in self.params if resolved.get(p.name) is not None})
 
     @property
     def takes_rank(self) -> bool:
         return self.rank_rule is not RankRule.KEEP
 
+
+SPACES = ("delta", "core", "knots")
+SPACE_PARAM = Param(
+    "space",
+    str,
+    "delta",
+    "where an elementwise method runs: the dense deltas, the core space (R x R cores) or the KnOTS space; "
+    "the three agree for linear methods and differ by design for elementwise ones",
+    choices=SPACES,
+)
 
 METHODS: dict[str, Method] = {}
 _LOADED = False
@@ -202,7 +249,7 @@ def all_params() -> dict[str, list[tuple[Param, str]]]:
     _load()
     out: dict[str, list[tuple[Param, str]]] = {}
     for m in METHODS.values():
-        for p in m.params:
+        for p in m.all_params:
             out.setdefault(p.name, []).append((p, m.name))
     return out
 
@@ -218,15 +265,15 @@ def methods_markdown() -> str:
             lines.append(f"- Reference: {m.paper}" + (f" — {m.url}" if m.url else ""))
         lines.append(f"- Output rank: {_RANK_TEXT[m.rank_rule]}")
         lines.append(f"- Merged into a base: {_BASE_TEXT[m.base_merge]}")
-        if m.spaces:
+        if len(m.spaces) > 1:
             lines.append(f"- Spaces: {', '.join(f'`{s}`' for s in m.spaces)} (`--space`)")
         if m.data:
             lines.append(f"- Needs: {', '.join(m.data)}")
         if m.reports_error:
             lines.append("- Reports each module's relative error against the exact weighted sum.")
-        if m.params:
+        if m.all_params:
             lines += ["", "| option | type | default | range | meaning |", "|---|---|---|---|---|"]
-            for p in m.params:
+            for p in m.all_params:
                 rng = p.range_text()
                 lines.append(f"| `{p.option}` | {p.type.__name__} | `{p.default}` | {rng} | {p.help} |")
         parts.append("\n".join(lines))

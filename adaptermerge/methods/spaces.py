@@ -56,7 +56,7 @@ import torch
 from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.lowrank import LowRank, factored_svd
-from adaptermerge.methods.catalog import SPACES, MethodInfo
+from adaptermerge.methods.registry import SPACES, Kind, Method
 from adaptermerge.refactor import Refactored, refactor_dense, refactor_factored
 
 
@@ -193,7 +193,7 @@ def project(mods: Sequence[LowRank], space: str, dtype: torch.dtype | None = Non
 
 def merge_module(
     terms: Sequence[tuple[float, LowRank]],
-    method: MethodInfo,
+    method: Method,
     params: object,
     space: str = "delta",
     generator: torch.Generator | None = None,
@@ -206,7 +206,7 @@ def merge_module(
 
     Args:
         terms: ``[(w_i, LowRank_i)]`` of the adapters touching the module.
-        method: a :class:`MethodInfo` (elementwise or factored).
+        method: a registered :class:`~adaptermerge.methods.registry.Method` (elementwise or factored).
         params: its params dataclass.
         space: ``delta``, ``core`` or ``knots`` for elementwise methods. Factored methods compute in the core
             space, where they equal their dense definition, so every space gives them the same result.
@@ -225,7 +225,7 @@ def merge_module(
         raise UsageError(f"unknown space {space!r}; choose one of: {', '.join(SPACES)}")
     mods = [m for _, m in terms]
     weights = [w for w, _ in terms]
-    if method.kind == "factored":
+    if method.kind is Kind.FACTORED:
         _check_modules(mods)
         dt = _dtype(mods, dtype)
         b, a = method.fn([(w, LowRank(A=m.A.to(dt), B=m.B.to(dt))) for w, m in terms], params)

@@ -30,27 +30,29 @@ import torch
 from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.lowrank import LowRank
-from adaptermerge.methods.catalog import SPACES, MethodInfo, ParamInfo, validate_declared
+from adaptermerge.methods.catalog import validate_declared
+from adaptermerge.methods.registry import BaseMerge, Kind, Method, Param, RankRule, register
 from adaptermerge.methods.spaces import Projection, core_space
 from adaptermerge.methods.task_arithmetic import P_LAMBDA, check_inputs
 
 Terms = Sequence[tuple[float, LowRank]]
 
-P_KEEP = ParamInfo(
-    "keep",
+P_KEEP = Param(
     "keep",
     float,
     None,
-    (0.0, 1.0, False, True),
     "share of the module's rank budget min(R, out, in) each task keeps (default 1/T)",
+    low=0.0,
+    high=1.0,
+    open_low=True,
 )
-P_COMMON = ParamInfo(
-    "common_fraction",
+P_COMMON = Param(
     "common_fraction",
     float,
     0.8,
-    (0.0, 1.0, True, True),
     "share of the rank budget taken by the top directions of the task-arithmetic sum",
+    low=0.0,
+    high=1.0,
 )
 
 
@@ -334,24 +336,24 @@ def wudi(terms: Terms, params: WudiParams = WudiParams()) -> tuple[torch.Tensor,
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _info(name, title, paper, url, formula, fn, cls, params) -> MethodInfo:
-    return MethodInfo(
+def _info(name: str, title: str, paper: str, url: str, formula: str, fn, cls: type, params: tuple) -> Method:
+    """A subspace method's declaration: factored (exact in the core space), at its numerical rank."""
+    return Method(
         name=name,
         title=title,
         paper=paper,
         url=url,
         formula=formula,
-        kind="factored",
-        spaces=SPACES,
-        output_rank="exact",
-        stochastic=False,
-        params_cls=cls,
-        params=params,
+        kind=Kind.FACTORED,
+        rank_rule=RankRule.EXACT,
+        base_merge=BaseMerge.ADAPTER,
         fn=fn,
+        params=params,
+        params_cls=cls,
     )
 
 
-SUBSPACE_METHODS: tuple[MethodInfo, ...] = (
+SUBSPACE_METHODS: tuple[Method, ...] = (
     _info(
         "tsv",
         "Task Singular Vectors: each task's top singular triplets, orthogonalised, summed",
@@ -399,3 +401,6 @@ SUBSPACE_METHODS: tuple[MethodInfo, ...] = (
         (P_LAMBDA,),
     ),
 )
+
+for _m in SUBSPACE_METHODS:
+    register(_m)

@@ -40,7 +40,8 @@ import torch
 
 from adaptermerge.cpu import single_threaded
 from adaptermerge.errors import IncompatibleAdapters, NumericalError, UsageError
-from adaptermerge.methods.catalog import SPACES, MethodInfo, ParamInfo, validate_declared
+from adaptermerge.methods.catalog import SPACES, validate_declared
+from adaptermerge.methods.registry import BaseMerge, Kind, Method, Param, RankRule, register
 from adaptermerge.methods.sparsify import (
     CHUNK_ELEMENTS,
     TopK,
@@ -54,40 +55,35 @@ from adaptermerge.methods.sparsify import (
 
 # ----------------------------------------------------------------------------------------------- parameters
 
-P_LAMBDA = ParamInfo("lambda", "lambda_", float, 1.0, None, "scale of the merged task vector (lambda * merged)")
-P_NORMALIZE = ParamInfo(
-    "normalize",
+P_LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector (lambda * merged)", attr="lambda_")
+P_NORMALIZE = Param(
     "normalize",
     bool,
     True,
-    None,
     "disjoint merge divides by the summed |weights| of the agreeing entries (--no-normalize: plain sum)",
 )
-P_SEED = ParamInfo(
-    "seed",
+P_SEED = Param(
     "seed",
     int,
     0,
-    (0, None, True, False),
     "random seed; each module draws from module_generator(seed, module name), byte-identical between runs",
+    low=0,
 )
 
 
-def _density(default: float, help_: str) -> ParamInfo:
-    return ParamInfo("density", "density", float, default, (0.0, 1.0, False, True), help_)
+def _density(default: float, help_: str) -> Param:
+    return Param("density", float, default, help_, low=0.0, high=1.0, open_low=True)
 
 
 P_DENSITY_TRIM = _density(0.2, "fraction of each task's entries kept, by magnitude (k = round(density * numel))")
 P_DENSITY_DARE = _density(0.5, "keep probability of each entry; survivors are rescaled by 1/density")
 P_DENSITY_BREAD = _density(0.9, "fraction of entries kept after dropping the gamma largest and the smallest")
 P_DENSITY_DELLA = _density(0.5, "mean keep probability; ramped from density-epsilon to density+epsilon per row")
-P_GAMMA = ParamInfo("gamma", "gamma", float, 0.01, (0.0, 1.0, True, False), "fraction of largest entries dropped")
-P_EPSILON = ParamInfo(
-    "epsilon", "epsilon", float, 0.15, (0.0, 1.0, True, False), "half-width of the keep-probability ramp"
-)
+P_GAMMA = Param("gamma", float, 0.01, "fraction of largest entries dropped", low=0.0, high=1.0, open_high=True)
+P_EPSILON = Param("epsilon", float, 0.15, "half-width of the keep-probability ramp", low=0.0, high=1.0, open_high=True)
 
 
-def _validate(name: str, params: object, infos: tuple[ParamInfo, ...]) -> None:
+def _validate(name: str, params: object, infos: tuple[Param, ...]) -> None:
     validate_declared(name, params, infos)
 
 
@@ -504,26 +500,27 @@ def _info(
     formula: str,
     fn: Callable,
     cls: type,
-    params: tuple[ParamInfo, ...],
+    params: tuple[Param, ...],
     stochastic: bool = False,
-) -> MethodInfo:
-    return MethodInfo(
+) -> Method:
+    """An elementwise method's declaration: any space, re-factored at the end, added dense into a base."""
+    return Method(
         name=name,
         title=title,
         paper=paper,
         url=url,
         formula=formula,
-        kind="elementwise",
-        spaces=SPACES,
-        output_rank="refactor",
-        stochastic=stochastic,
-        params_cls=cls,
-        params=params,
+        kind=Kind.ELEMENTWISE,
+        rank_rule=RankRule.REFACTOR,
+        base_merge=BaseMerge.DENSE,
         fn=fn,
+        params=params,
+        spaces=SPACES,
+        params_cls=cls,
     )
 
 
-ELEMENTWISE_METHODS: tuple[MethodInfo, ...] = (
+ELEMENTWISE_METHODS: tuple[Method, ...] = (
     _info(
         "task_arithmetic",
         "Weighted sum of the task vectors, scaled by lambda",
@@ -622,3 +619,6 @@ ELEMENTWISE_METHODS: tuple[MethodInfo, ...] = (
         stochastic=True,
     ),
 )
+
+for _m in ELEMENTWISE_METHODS:
+    register(_m)

@@ -112,15 +112,18 @@ class Executor:
         one fp32 workspace per shape, reused across modules (``addmm_`` adds ``B @ A`` in place), so a merge
         allocates no per-module dense temporaries. The result is valid until the next call.
         """
-        lr: LowRank = self.adapter.modules[module]
+        lr = self.adapter.modules[module]
         ws = self._workspace.get(tuple(w.shape))
         if ws is None:
             ws = self._workspace[tuple(w.shape)] = torch.empty(w.shape, dtype=torch.float32, device=self.dev)
         ws.copy_(w)
         wn = float(torch.linalg.vector_norm(ws))
-        a = lr.A.to(self.dev, torch.float32)
-        b = lr.B.to(self.dev, torch.float32)
-        self._add_delta(ws, module, b, a, lr.layout == "conv1d", w.dtype)
+        if isinstance(lr, LowRank):
+            a = lr.A.to(self.dev, torch.float32)
+            b = lr.B.to(self.dev, torch.float32)
+            self._add_delta(ws, module, b, a, lr.layout == "conv1d", w.dtype)
+        else:  # a method's dense result (combination.DenseModule), already in the stored layout
+            ws.add_(lr.weight_delta(torch.float32).to(self.dev))
         if lr.magnitude is not None:  # per output channel: rows of the canonical layout
             dim = 0 if lr.layout == "conv1d" else 1
             norm = torch.linalg.vector_norm(ws, dim=dim, keepdim=True)
@@ -183,8 +186,8 @@ class Executor:
 
     def streamable(self, job: Job) -> bool:
         """A plain Linear/embedding merge of a stored tensor: computed row chunk by row chunk."""
-        lr: LowRank = self.adapter.modules[job.module]
-        plain = lr.layout != "conv1d" and lr.magnitude is None and job.extra_key is None
+        lr = self.adapter.modules[job.module]
+        plain = isinstance(lr, LowRank) and lr.layout != "conv1d" and lr.magnitude is None and job.extra_key is None
         return plain and len(job.src.shape) == 2 and job.src.numel > 0
 
     def merge_rows(self, job: Job, want: torch.dtype) -> Iterator[torch.Tensor]:

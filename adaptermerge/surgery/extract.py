@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
-from adaptermerge.dtypes import FLOAT_DTYPES, resolve_device
+from adaptermerge.dtypes import FLOAT_DTYPES, dtype_name, resolve_device
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import open_checkpoint
@@ -277,6 +277,8 @@ def extract_lora(
             "tuned": str(Path(tuned).resolve()),
             "rank": rank,
             "energy": energy,
+            "skip_undecomposable": skip_undecomposable,
+            "dtype": None if dtype is None else dtype_name(dtype),
             "modules": [asdict(m) for m in report.modules],
         },
     )
@@ -284,23 +286,17 @@ def extract_lora(
 
 
 def save_extracted(adapter: Adapter, report: ExtractReport, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write an extracted adapter with a model card and a recipe (``operation: extract``)."""
-    import yaml
-
+    """Write an extracted adapter with a model card and a recipe (``operation: extract``) that
+    ``adaptermerge extract --recipe`` replays."""
     from adaptermerge import __version__
     from adaptermerge.io.adapter import save_adapter
     from adaptermerge.io.atomic import check_output_path
     from adaptermerge.outputs import base_model_text, card_metadata, front_matter
+    from adaptermerge.recipe import RECIPE_NAME, dump_recipe, extract_recipe
 
     prov = adapter.provenance
     check_output_path(out, [prov["base"], prov["tuned"]], overwrite=overwrite)
-    recipe = {
-        "adaptermerge_version": __version__,
-        "operation": "extract",
-        "base": prov["base"],
-        "tuned": prov["tuned"],
-        "parameters": {"rank": prov["rank"], "energy": prov["energy"]},
-    }
+    recipe = extract_recipe(prov)
     ranks = sorted({m.rank for m in report.modules})
     worst = min((m.kept_energy for m in report.modules), default=1.0)
     meta = card_metadata("peft", ["lora", "extract", "extracted"], adapter.base_model)
@@ -316,12 +312,9 @@ def save_extracted(adapter: Adapter, report: ExtractReport, out: str | os.PathLi
             f"- Ranks: {ranks}; lowest kept energy {worst:.4f}",
             f"- modules_to_save: {adapter.modules_to_save or 'none'}",
             "",
-            "Reproduce: `adaptermerge extract BASE TUNED "
-            + (f"--rank {prov['rank']} " if prov["rank"] else "")
-            + (f"--energy {prov['energy']} " if prov["energy"] else "")
-            + "-o OUT`",
+            f"Reproduce: `adaptermerge extract --recipe {RECIPE_NAME} -o OUT`",
             "",
         ]
     )
-    files = {"README.md": card, "adaptermerge_recipe.yaml": yaml.safe_dump(recipe, sort_keys=False)}
+    files = {"README.md": card, RECIPE_NAME: dump_recipe(recipe)}
     return save_adapter(adapter, out, overwrite=overwrite, extra_files=files)

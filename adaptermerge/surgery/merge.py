@@ -202,12 +202,14 @@ def _combined(items: list[Any], ckpt: Checkpoint, opts: MergeOptions) -> tuple[A
     from adaptermerge.surgery.init_conversion import plain_adapters
 
     loaded = plain_adapters(items, base=ckpt)  # PiSSA/OLoRA: W0 - init + s*B@A, init recomputed from this base
-    stacked = get_method(opts.method).base_merge is BaseMerge.STACKED
-    exact = opts.rank is None and opts.energy is None and stacked
+    base_merge = get_method(opts.method).base_merge
+    untruncated = opts.rank is None and opts.energy is None
+    exact = untruncated and base_merge is BaseMerge.STACKED
     if len(loaded) == 1 and opts.weights is None and exact and not opts.method_params:
         return loaded[0], loaded
-    # a STACKED method adds its exact stacked factors (the dense delta is formed per module, never decomposed);
-    # otherwise the combined adapter, with the method's rank rule, exactly as combine makes it
+    # a STACKED method adds its exact stacked factors (the dense delta is formed per module, never decomposed); a
+    # DENSE one its dense result per module, computed while that tensor is written; otherwise the combined adapter,
+    # with the method's rank rule, exactly as combine makes it
     combined = combine(
         loaded,
         opts.weights,
@@ -217,6 +219,7 @@ def _combined(items: list[Any], ckpt: Checkpoint, opts: MergeOptions) -> tuple[A
         base=ckpt,
         allow_different_base=opts.allow_different_base,
         keep_factors=exact,
+        dense=untruncated and base_merge is BaseMerge.DENSE,
         **opts.method_params,
     )
     return combined, loaded

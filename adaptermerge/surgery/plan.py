@@ -22,6 +22,7 @@ from adaptermerge.io.adapter import PEFT_PREFIX
 from adaptermerge.io.checkpoint import Checkpoint
 from adaptermerge.io.safetensors_header import TensorInfo
 from adaptermerge.io.stream import PlannedTensor
+from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.tokens import plan_token_targets
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -183,6 +184,8 @@ class _Change:
             return False
         if self.module is not None:
             a, b = adapter.modules[self.module], adapter.modules[other.module]
+            if not (isinstance(a, LowRank) and isinstance(b, LowRank)):
+                return a is b  # dense method results: equal only when they are one
             same = _equal(a.A, b.A) and _equal(a.B, b.B) and a.weight_shape == b.weight_shape
             return same and a.bias is None and b.bias is None and a.magnitude is None and b.magnitude is None
         return True
