@@ -5,7 +5,7 @@ Example:
     >>> a = adaptermerge.load_adapter("adapters/math")  # doctest: +SKIP
     >>> b = adaptermerge.load_adapter("adapters/code")  # doctest: +SKIP
     >>> merged = adaptermerge.combine([a, b], [0.7, 0.3], method="svd", rank=32)  # doctest: +SKIP
-    >>> merged.save("adapters/math-code")  # doctest: +SKIP
+    >>> adaptermerge.save_adapter(merged, "adapters/math-code")  # doctest: +SKIP
 """
 
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ _LAZY = {
     "save_combined": "adaptermerge.combination",
     "describe": "adaptermerge.inspection",
     "load_adapter": "adaptermerge.io.adapter",
+    "save_adapter": "adaptermerge.io.adapter",
     "open_checkpoint": "adaptermerge.io.checkpoint",
     "LowRank": "adaptermerge.lowrank",
     "extract_lora": "adaptermerge.surgery.extract",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from adaptermerge.evaluation import EvalReport, evaluate
     from adaptermerge.hub import PushResult, push
     from adaptermerge.inspection import describe
-    from adaptermerge.io.adapter import load_adapter
+    from adaptermerge.io.adapter import load_adapter, save_adapter
     from adaptermerge.io.checkpoint import open_checkpoint
     from adaptermerge.lowrank import LowRank
     from adaptermerge.surgery.extract import extract_lora, save_extracted
@@ -122,6 +123,7 @@ __all__ = [
     "open_checkpoint",
     "push",
     "resize_adapter",
+    "save_adapter",
     "save_combined",
     "save_extracted",
     "validate",

@@ -1,12 +1,11 @@
 """The ``Adapter``: module name -> :class:`LowRank`, plus what must round-trip.
 
-An Adapter knows nothing about merging. Read one with :func:`adaptermerge.load_adapter`, write it
-with :meth:`Adapter.save`.
+An Adapter knows nothing about merging or files. Read one with :func:`adaptermerge.load_adapter`, write it
+with :func:`adaptermerge.save_adapter`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,29 +71,3 @@ class Adapter:
             n += 0 if m.magnitude is None else m.magnitude.numel()
         n += sum(tr.rows.numel() for tr in self.token_rows.values())
         return n + sum(t.numel() for t in self.extra_tensors.values())
-
-    def save(
-        self,
-        path: str | os.PathLike,
-        overwrite: bool = False,
-        dtype: torch.dtype | None = None,
-        extra_files: dict[str, str] | None = None,
-    ) -> Path:
-        """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-        The scaling is already folded into the factors, so the config says ``lora_alpha == r``
-        (scaling 1), ``use_rslora: false``, with ``rank_pattern``/``alpha_pattern`` for modules whose
-        rank differs from the most common one. The folder is written atomically; an existing
-        non-empty folder is refused unless ``overwrite``.
-
-        Example:
-            >>> import adaptermerge, tempfile, torch
-            >>> from adaptermerge import Adapter, LowRank
-            >>> a = Adapter({"layers.0.q": LowRank(torch.ones(2, 8), torch.ones(4, 2))})
-            >>> out = a.save(tempfile.mkdtemp() + "/out")
-            >>> adaptermerge.load_adapter(out).ranks
-            {'layers.0.q': 2}
-        """
-        from adaptermerge.io.adapter import save_adapter
-
-        return save_adapter(self, path, overwrite=overwrite, dtype=dtype, extra_files=extra_files)

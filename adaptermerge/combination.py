@@ -8,7 +8,6 @@ equal shape.
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch
 from adaptermerge.adapter import Adapter
 from adaptermerge.dtypes import dtype_name, resolve_device, resolve_dtype
 from adaptermerge.errors import IncompatibleAdapters, UsageError
+from adaptermerge.io.adapter import natural_key
 from adaptermerge.io.atomic import check_output_path
 from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
@@ -92,10 +92,6 @@ def check_compatible(adapters: Sequence[Adapter], names: Sequence[str], allow_di
 def _module_root(name: str) -> str:
     """The first component of a module path: ``model.layers.3.mlp.up_proj`` -> ``model``."""
     return name.split(".", 1)[0]
-
-
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _combine_extras(
@@ -313,7 +309,7 @@ def _common_dtype(loaded: Sequence[Adapter]) -> torch.dtype:
 def _module_terms(loaded: Sequence[Adapter], w: list[float], call: _Call) -> dict[str, _Terms]:
     """Module -> the weighted terms of the adapters that touch it (an adapter that does not is not counted)."""
     out: dict[str, _Terms] = {}
-    for mod in sorted({m for a in loaded for m in a.modules}, key=_natural_key):
+    for mod in sorted({m for a in loaded for m in a.modules}, key=natural_key):
         terms = [(wi, a.modules[mod]) for wi, a in zip(w, loaded, strict=True) if mod in a.modules]
         bs = [(wi, m.bias) for wi, m in terms if m.bias is not None]
         bias = sum(wi * b.to(call.device, call.compute_dtype) for wi, b in bs) if bs else None
@@ -563,8 +559,6 @@ def save_combined(result: Adapter, out: str | os.PathLike, overwrite: bool = Fal
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    import sys
+    from adaptermerge.progress import bar
 
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False)
+    return bar(total, desc, "module", enabled, leave=False)

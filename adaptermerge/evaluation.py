@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -402,9 +401,6 @@ def _ret(r: EvalReport, metric: str, model: str, task: str, own: str) -> float |
 
 
 def _bar(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from adaptermerge.progress import bar
 
-    return tqdm(
-        total=total, desc="evaluating", unit="model", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()),
-        leave=False,
-    )  # fmt: skip
+    return bar(total, "evaluating", "model", enabled, leave=False)

@@ -256,7 +256,7 @@ def test_cancelling_sum_is_zero_and_not_written(tmp_path: Path, pair) -> None:
     out = adaptermerge.combine([a, a], [1.0, -1.0])
     assert not out.modules and all("zero" in w for w in out.warnings)
     with pytest.raises(adaptermerge.InvalidAdapter, match="nothing was written"):
-        out.save(tmp_path / "o")
+        adaptermerge.save_adapter(out, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 

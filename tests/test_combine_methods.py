@@ -106,4 +106,4 @@ def test_merge_adds_the_dense_result_into_the_base(tmp_path: Path, model_fn, tar
 def test_dense_results_are_not_saved_as_adapters(trio, tmp_path: Path) -> None:
     m = adaptermerge.combine(list(trio), method="ties", dense=True)
     with pytest.raises(adaptermerge.UsageError, match="dense result"):
-        m.save(tmp_path / "x")
+        adaptermerge.save_adapter(m, tmp_path / "x")

@@ -146,7 +146,7 @@ def test_conversion_is_peft_conversion(case, tmp_path: Path) -> None:
         assert set(ours.modules) == set(peft)
         for name, d in peft.items():
             assert torch.allclose(ours.modules[name].weight_delta(), d, atol=1e-6), name  # measured: 0.0
-        out = ours.save(tmp_path / f"ours{i}")
+        out = adaptermerge.save_adapter(ours, tmp_path / f"ours{i}")
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["init_lora_weights"] is True
         assert ours.ranks == adaptermerge.load_adapter(made.peft_converted).ranks  # 2r, as PEFT writes
@@ -198,7 +198,7 @@ def test_bf16_base_is_the_trained_model_rounded_once(tmp_path: Path) -> None:
         differing += int((diff > 0).sum())
     assert differing <= 1e-3 * sum(p.numel() for p in peft.values())
     # rounding W0 + (s*B@A - init) once instead (the converted adapter's view) differs in about a quarter of them
-    plain = adaptermerge.convert_to_plain_lora(made.trained, base=base).save(tmp_path / "plain")
+    plain = adaptermerge.save_adapter(adaptermerge.convert_to_plain_lora(made.trained, base=base), tmp_path / "plain")
     adaptermerge.merge_into_base(base, plain, tmp_path / "once")
     once = {k: v for f in sorted((tmp_path / "once").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert sum(int((once[k] != p).sum()) for k, p in peft.items()) > 0.05 * sum(p.numel() for p in peft.values())
@@ -210,7 +210,9 @@ def test_dora_pissa_keeps_the_magnitude(work: Path, tmp_path: Path) -> None:
     made = initialised(tmp_path / "a", tiny_llama, "pissa", use_dora=True, **LLAMA)
     adaptermerge.merge_into_base(work / "llama", made.trained, tmp_path / "out")
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), made.logits, atol=1e-5)
-    out = adaptermerge.convert_to_plain_lora(made.trained, base=work / "llama").save(tmp_path / "ours")
+    out = adaptermerge.save_adapter(
+        adaptermerge.convert_to_plain_lora(made.trained, base=work / "llama"), tmp_path / "ours"
+    )
     assert torch.allclose(logits(peft_reload(made, out)), made.logits, atol=1e-5)
     assert not any("magnitude" in k for k in load_file(str(made.peft_converted / "adapter_model.safetensors")))
     assert float((logits(peft_reload(made, made.peft_converted)) - made.logits).abs().max()) > 1e-2
@@ -245,7 +247,9 @@ def test_pissa_niter_needs_the_initial_adapter(work: Path, tmp_path: Path) -> No
     with pytest.raises(UnsupportedAdapter, match=r"randomized SVD.*--initial-adapter"):
         adaptermerge.convert_to_plain_lora(made.trained, base=work / "llama")
     assert not (tmp_path / "out").exists()
-    ours = adaptermerge.convert_to_plain_lora(made.trained, initial_adapter=made.initial).save(tmp_path / "ours")
+    ours = adaptermerge.save_adapter(
+        adaptermerge.convert_to_plain_lora(made.trained, initial_adapter=made.initial), tmp_path / "ours"
+    )
     assert torch.allclose(logits(peft_reload(made, ours)), made.logits, atol=1e-5)
     # why: PEFT's own reload redoes the randomized SVD with the loading process's random state
     reloads = []
@@ -289,7 +293,9 @@ def test_data_dependent_inits_convert_only_with_the_initial_adapter(
     ):
         with pytest.raises(UnsupportedAdapter, match=rf"{init}_init.*--initial-adapter"):
             call()
-    ours = adaptermerge.convert_to_plain_lora(made.trained, initial_adapter=made.initial).save(tmp_path / "ours")
+    ours = adaptermerge.save_adapter(
+        adaptermerge.convert_to_plain_lora(made.trained, initial_adapter=made.initial), tmp_path / "ours"
+    )
     assert torch.allclose(logits(peft_reload(made, ours)), made.logits, atol=1e-5)  # measured: 2e-7
     if init == "lora_ga":  # PEFT's reload of the unconverted adapter silently drops the init term
         assert float((logits(peft_reload(made)) - made.logits).abs().max()) > 1e-2
@@ -348,7 +354,7 @@ def test_raw_factors_never_leave_as_plain_lora(work: Path, tmp_path: Path) -> No
     made = initialised(tmp_path / "a", tiny_llama, "pissa", convert=False, **LLAMA)
     raw = adaptermerge.load_adapter(made.trained, raw_init=True)
     with pytest.raises(UnsupportedAdapter, match="raw factors"):
-        raw.save(tmp_path / "raw")
+        adaptermerge.save_adapter(raw, tmp_path / "raw")
     with pytest.raises(UnsupportedAdapter, match="raw factors"):
         adaptermerge.combine([raw], base=work / "llama")
     with pytest.raises(UnsupportedAdapter, match="raw factors"):
@@ -412,7 +418,7 @@ def test_base_preserving_variants_merge_like_peft(lora: dict, work: Path, tmp_pa
     assert torch.allclose(logits(peft), ref, atol=1e-5)
     ad = adaptermerge.load_adapter(folder)
     assert not ad.extra_tensors
-    resaved = ad.save(tmp_path / "resaved")
+    resaved = adaptermerge.save_adapter(ad, tmp_path / "resaved")
     assert torch.allclose(logits(peft_reload(made, resaved)), ref, atol=1e-5)
 
 

@@ -49,7 +49,7 @@ def test_round_trip_matches_peft(tmp_path: Path, variant: str) -> None:
     model_fn, lora = VARIANTS[variant]
     src = make_adapter(tmp_path / "src", model_fn, seed=3, **lora)
     adapter = adaptermerge.load_adapter(src)
-    out = adapter.save(tmp_path / "out")
+    out = adaptermerge.save_adapter(adapter, tmp_path / "out")
     ref = peft_model(model_fn, src)
     new = peft_model(model_fn, out)
     d_ref, d_new = peft_deltas(ref, "a0"), peft_deltas(new, "a0")
@@ -177,14 +177,14 @@ def test_save_refuses_existing_and_input(tmp_path: Path, llama_adapter: Path) ->
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError):
-        a.save(out)
+        adaptermerge.save_adapter(a, out)
     assert (out / "keep.txt").read_text() == "x"
-    a.save(out, overwrite=True)
+    adaptermerge.save_adapter(a, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
     with pytest.raises(UsageError):
-        a.save(llama_adapter, overwrite=True)
+        adaptermerge.save_adapter(a, llama_adapter, overwrite=True)
     with pytest.raises(UsageError):
-        a.save(llama_adapter / "inner")
+        adaptermerge.save_adapter(a, llama_adapter / "inner")
 
 
 def test_unknown_tensors_are_refused(tmp_path: Path, llama_adapter: Path) -> None:
@@ -246,7 +246,7 @@ def test_output_permissions_follow_umask(tmp_path: Path, llama_adapter: Path) ->
 
     old = os.umask(0o022)
     try:
-        out = adaptermerge.load_adapter(llama_adapter).save(tmp_path / "out")
+        out = adaptermerge.save_adapter(adaptermerge.load_adapter(llama_adapter), tmp_path / "out")
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -121,7 +121,7 @@ def test_rows_are_read_as_saved(tmp_path: Path) -> None:
 )
 def test_save_round_trip_gives_peft_the_same_outputs(tmp_path: Path, model_fn: Callable, tti) -> None:
     a = token_adapter(tmp_path / "a", model_fn, trainable_token_indices=tti)
-    out = adaptermerge.load_adapter(a).save(tmp_path / "out")
+    out = adaptermerge.save_adapter(adaptermerge.load_adapter(a), tmp_path / "out")
     src, dst = load_file(str(a / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     for k in (k for k in src if "token_adapter" in k):
         assert torch.equal(dst[k], src[k]) and dst[k].dtype == src[k].dtype, k
@@ -141,7 +141,7 @@ def test_tied_head_entry_without_rows_is_the_embedding_entry(tmp_path: Path) -> 
     tti = {"embed_tokens": [5, 7], "lm_head": [5, 7]}
     a = token_adapter(tmp_path / "a", tied_llama, trainable_token_indices=tti)
     assert [k for k in load_file(str(a / "adapter_model.safetensors")) if "token_adapter" in k] == [KEY]
-    out = adaptermerge.load_adapter(a).save(tmp_path / "out")
+    out = adaptermerge.save_adapter(adaptermerge.load_adapter(a), tmp_path / "out")
     assert json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"] == {
         "model.embed_tokens": [5, 7]
     }

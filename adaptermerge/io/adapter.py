@@ -181,7 +181,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, raw_init: 
     token_tensors, tensors = split_token_tensors(_read_tensors(folder, allow_pickle), PEFT_PREFIX)
     token_rows = read_token_rows(config, token_tensors, str(folder / WEIGHTS_NAME))
     parts, extra = _split_tensors(tensors, config)
-    modules = {name: _module_lowrank(name, parts[name], config) for name in sorted(parts, key=_natural_key)}
+    modules = {name: _module_lowrank(name, parts[name], config) for name in sorted(parts, key=natural_key)}
     if not modules:
         raise InvalidAdapter(
             f"{folder / WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)"
@@ -322,7 +322,8 @@ def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, r_cfg: int) -> None
         raise InvalidAdapter(f"module {name}: LoRA factors must be floating point, got {a.dtype} and {b.dtype}")
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -397,7 +398,20 @@ def save_adapter(
     dtype: torch.dtype | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``adapter`` as a PEFT folder at ``path`` atomically. See :meth:`Adapter.save`."""
+    """Write ``adapter`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) at ``path``.
+
+    The scaling is already folded into the factors, so the config says ``lora_alpha == r`` (scaling 1),
+    ``use_rslora: false``, with ``rank_pattern``/``alpha_pattern`` for modules whose rank differs from the most
+    common one. The folder is written atomically; an existing non-empty folder is refused unless ``overwrite``.
+
+    Example:
+        >>> import adaptermerge, tempfile, torch
+        >>> from adaptermerge import Adapter, LowRank
+        >>> a = Adapter({"layers.0.q": LowRank(torch.ones(2, 8), torch.ones(4, 2))})
+        >>> out = adaptermerge.save_adapter(a, tempfile.mkdtemp() + "/out")
+        >>> adaptermerge.load_adapter(out).ranks
+        {'layers.0.q': 2}
+    """
     inputs = [adapter.source] if adapter.source is not None else []
     out = check_output_path(path, inputs, overwrite=overwrite)
     dense = [n for n, m in adapter.modules.items() if not isinstance(m, LowRank)]

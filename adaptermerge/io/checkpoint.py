@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,34 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     raise InvalidCheckpoint(f"tensor {name} appears in both {weight_map[name]} and {f}")
                 weight_map[name] = f
     return Checkpoint(p, config, shards, weight_map, index_meta)
+
+
+def _first(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def choose_prefix_map(names: Iterable[str], keys: set[str]) -> tuple[str, str] | None:
+    """A ``(strip, add)`` prefix pair such that every ``add + name[len(strip):] + '.weight'`` is a key.
+
+    Tries, in order: no change; stripping a shared first component (task-model adapter on a bare-model
+    checkpoint); adding a first component that checkpoint keys use (bare-model adapter on a task-model
+    checkpoint).
+    """
+    names = list(names)
+    if not names:
+        return ("", "")
+    options: list[tuple[str, str]] = [("", "")]
+    firsts = {_first(n) for n in names}
+    if len(firsts) == 1:
+        options.append((firsts.pop() + ".", ""))
+    for p in sorted({_first(k) for k in keys}):
+        options.append(("", p + "."))
+    for strip, add in options:
+        if all(n.startswith(strip) and f"{add}{n[len(strip) :]}.weight" in keys for n in names):
+            return strip, add
+    return None
+
+
+def map_name(name: str, strip: str, add: str) -> str:
+    """``name`` with the prefix pair of :func:`choose_prefix_map` applied."""
+    return add + name[len(strip) :] if name.startswith(strip) else name

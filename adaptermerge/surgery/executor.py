@@ -22,6 +22,7 @@ import torch
 from adaptermerge.dtypes import ST_TO_TORCH
 from adaptermerge.errors import NumericalError
 from adaptermerge.io.checkpoint import Checkpoint
+from adaptermerge.io.files import SourceFiles
 from adaptermerge.io.stream import ShardWriter, read_rows, read_tensor
 from adaptermerge.lowrank import LowRank
 from adaptermerge.surgery.plan import Action, Job, MergePlan, ShardPlan
@@ -85,7 +86,7 @@ class Executor:
         self.ckpt, self.plan, self.adapter, self.dev, self.four_bit = ckpt, plan, plan.adapter, device, four_bit
         self.results: list[ModuleResult] = []
         self.progress: Callable[[int, int], None] | None = None  # (bytes written, modules merged so far)
-        self._handles: dict[str, BinaryIO] = {}
+        self._files = SourceFiles(ckpt.path)
         self._workspace: dict[tuple, torch.Tensor] = {}
         self._delta_norms: dict[str, float] = {}
         self._read_buf: bytearray | None = None
@@ -149,15 +150,11 @@ class Executor:
             writer.abort()
             raise
         finally:  # the writer has finished with the source files (queued copies read them)
-            for h in self._handles.values():
-                h.close()
-            self._handles.clear()
+            self._files.close()
 
     def file(self, f: str) -> BinaryIO:
         """An open source shard (opened once, closed when the shard being written is done)."""
-        if f not in self._handles:
-            self._handles[f] = open(self.ckpt.path / f, "rb")  # noqa: SIM115 - closed when the shard is done
-        return self._handles[f]
+        return self._files.get(f)
 
     def _result(self, module: str, wn: float) -> ModuleResult:
         dn = self._delta_norms.get(module)

@@ -8,8 +8,8 @@ that are not layer weights (norms, biases) go to ``modules_to_save`` or are skip
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.cpu import single_threaded
 from adaptermerge.dtypes import FLOAT_DTYPES, dtype_name, resolve_device
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import PEFT_PREFIX
-from adaptermerge.io.checkpoint import open_checkpoint
+from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
+from adaptermerge.io.files import SourceFiles
 from adaptermerge.io.stream import read_tensor
 from adaptermerge.lowrank import LowRank, energy_rank
 from adaptermerge.surgery.arch import weight_layouts
@@ -108,6 +110,18 @@ def truncated_svd(
     return u[:, :k], s[:k], vh[:k], "randomized", max(0.0, e2 - e1)
 
 
+@dataclass
+class _Extraction:
+    """What extraction collects while it walks the two checkpoints."""
+
+    modules: dict[str, LowRank] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    to_save: set[str] = field(default_factory=set)
+    dtypes: set[torch.dtype] = field(default_factory=set)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> tuned bias (decided after the walk)
+    report: ExtractReport = field(default_factory=ExtractReport)
+
+
 def extract_lora(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -140,35 +154,51 @@ def extract_lora(
     if rank is not None and rank < 1:
         raise UsageError("`rank` must be a positive integer")
     dev = resolve_device(device)
+    cb, ct = _open_pair(base, tuned)
+    layers = weight_layouts(cb)
+    layers.require_known("extract")  # a Conv1D weight's delta is transposed: never guessed from names
+    ex = _Extraction()
+    _decompose(cb, ct, layers.kinds, ex, rank, energy, skip_undecomposable, dev, progress)
+    _carry_biases(ex, skip_undecomposable)
+    _tie_head(cb, layers.head_key, ex)
+    _copy_saved_modules(ct, layers.kinds, ex)
+    if ex.report.skipped:
+        ex.report.warnings.append(
+            f"skipped {len(ex.report.skipped)} changed tensors that are not layer weights (e.g. {ex.report.skipped[0]})"
+        )
+    if not ex.modules and not ex.extra:
+        raise IncompatibleAdapters("the checkpoints are identical: there is nothing to extract")
+    return _adapter(cb, base, tuned, ex, rank, energy, skip_undecomposable, dtype), ex.report
+
+
+def _open_pair(base: str | os.PathLike, tuned: str | os.PathLike) -> tuple[Checkpoint, Checkpoint]:
     cb, ct = open_checkpoint(base), open_checkpoint(tuned)
-    kb, kt = set(cb.weight_map), set(ct.weight_map)
-    if kb != kt:
-        diff = sorted(kb ^ kt)
+    diff = sorted(set(cb.weight_map) ^ set(ct.weight_map))
+    if diff:
         raise IncompatibleAdapters(
             f"the checkpoints hold different tensors (e.g. {diff[0]}); extract needs the same architecture"
         )
-    layers = weight_layouts(cb)
-    layers.require_known("extract")  # a Conv1D weight's delta is transposed: never guessed from names
-    layouts, head = layers.kinds, layers.head_key
-    report = ExtractReport()
-    modules: dict[str, LowRank] = {}
-    extra: dict[str, torch.Tensor] = {}
-    to_save: set[str] = set()
-    dtypes = set()
-    from tqdm.auto import tqdm
+    return cb, ct
 
-    handles: dict[tuple[str, str], Any] = {}
 
-    def fh(ckpt, f):
-        key = (str(ckpt.path), f)
-        if key not in handles:
-            handles[key] = open(ckpt.path / f, "rb")  # noqa: SIM115
-        return handles[key]
+def _decompose(
+    cb: Checkpoint,
+    ct: Checkpoint,
+    layouts: dict[str, str],
+    ex: _Extraction,
+    rank: int | None,
+    energy: float | None,
+    skip: bool,
+    dev: torch.device,
+    progress: bool,
+) -> None:
+    """Walk both checkpoints tensor by tensor: a changed layer weight becomes a truncated SVD, a changed layer
+    bias is kept for :func:`_carry_biases`, any other changed tensor marks its module for modules_to_save."""
+    from adaptermerge.progress import bar as progress_bar
 
     names = list(cb.weight_map)
-    bias_deltas: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(names), unit="tensor", desc="extracting", disable=not (progress and sys.stderr.isatty()))
-    try:
+    bar = progress_bar(len(names), "extracting", "tensor", progress)
+    with SourceFiles(cb.path) as fb, SourceFiles(ct.path) as ft:
         for name in names:
             bar.update(1)
             ib, it = cb.info(name), ct.info(name)
@@ -176,113 +206,132 @@ def extract_lora(
                 raise IncompatibleAdapters(
                     f"tensor {name}: {ib.dtype}{list(ib.shape)} in base but {it.dtype}{list(it.shape)} in tuned"
                 )
-            wb = read_tensor(fh(cb, cb.weight_map[name]), ib)
-            wt = read_tensor(fh(ct, ct.weight_map[name]), it)
+            wb, wt = read_tensor(fb.get(cb.weight_map[name]), ib), read_tensor(ft.get(ct.weight_map[name]), it)
             if torch.equal(wb, wt):
-                report.unchanged += 1
+                ex.report.unchanged += 1
                 continue
             if ib.dtype not in FLOAT_DTYPES:
                 raise IncompatibleAdapters(
                     f"tensor {name} ({ib.dtype}) differs between the checkpoints; only floating weights can be extracted"
                 )
-            dtypes.add(wb.dtype)
+            ex.dtypes.add(wb.dtype)
             if name in layouts:
-                layout = layouts[name]
-                d = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
-                dc = d.T if layout == "conv1d" else d
-                u, s, vh, kind, gap = truncated_svd(dc, rank, energy)
-                root = torch.sqrt(s)
-                lr = LowRank(A=(root.unsqueeze(1) * vh).cpu(), B=(u * root).cpu(), layout=layout)
-                module = name[: -len(".weight")]
-                modules[module] = lr
-                resid = float((dc - u @ torch.diag(s) @ vh).norm() / max(float(dc.norm()), 1e-30))
-                spec_full = float((dc.double() ** 2).sum())
-                ke = float((s.double() ** 2).sum()) / spec_full if spec_full else 1.0
-                report.modules.append(ExtractedModule(module, int(s.numel()), min(ke, 1.0), resid, kind, gap))
+                _decompose_layer(name, layouts[name], wb, wt, ex, rank, energy, dev)
             elif name.endswith(".bias") and name[: -len(".bias")] + ".weight" in layouts and len(ib.shape) == 1:
-                # a layer's bias: carried the way PEFT's bias="lora_only" saves it (decided after the loop)
-                bias_deltas[name[: -len(".bias")]] = wt.clone()
+                ex.biases[name[: -len(".bias")]] = wt.clone()
+            elif skip:
+                ex.report.skipped.append(name)
             else:
-                module = name.rsplit(".", 1)[0]
-                if skip_undecomposable:
-                    report.skipped.append(name)
-                    continue
-                to_save.add(module)
-                report.modules_to_save.append(name)
-    finally:
-        bar.close()
-        for h in handles.values():
-            h.close()
-    # A changed bias of a decomposed layer travels as PEFT's bias="lora_only" does: the tuned bias saved as
-    # <module>.base_layer.bias (works beside embedding LoRA, unlike lora_bias, which PEFT refuses there).
-    for module, tuned_bias in bias_deltas.items():
-        lr = modules.get(module)
+                ex.to_save.add(name.rsplit(".", 1)[0])
+                ex.report.modules_to_save.append(name)
+    bar.close()
+
+
+def _decompose_layer(
+    name: str,
+    layout: str,
+    wb: torch.Tensor,
+    wt: torch.Tensor,
+    ex: _Extraction,
+    rank: int | None,
+    energy: float | None,
+    dev: torch.device,
+) -> None:
+    """One changed layer weight as LoRA factors: the truncated SVD of ``tuned - base`` (in the Linear layout)."""
+    d = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
+    dc = d.T if layout == "conv1d" else d
+    small = min(dc.shape) < RANDOMIZED_MIN_DIM
+    with single_threaded() if small else contextlib.nullcontext():  # small LAPACK calls: threads only wait
+        u, s, vh, kind, gap = truncated_svd(dc, rank, energy)
+    root = torch.sqrt(s)
+    module = name[: -len(".weight")]
+    ex.modules[module] = LowRank(A=(root.unsqueeze(1) * vh).cpu(), B=(u * root).cpu(), layout=layout)
+    resid = float((dc - u @ torch.diag(s) @ vh).norm() / max(float(dc.norm()), 1e-30))
+    spec_full = float((dc.double() ** 2).sum())
+    ke = float((s.double() ** 2).sum()) / spec_full if spec_full else 1.0
+    ex.report.modules.append(ExtractedModule(module, int(s.numel()), min(ke, 1.0), resid, kind, gap))
+
+
+def _carry_biases(ex: _Extraction, skip: bool) -> None:
+    """A changed bias of a decomposed layer travels as PEFT's bias="lora_only" does: the tuned bias saved as
+    <module>.base_layer.bias (works beside embedding LoRA, unlike lora_bias, which PEFT refuses there)."""
+    for module, tuned_bias in ex.biases.items():
+        lr = ex.modules.get(module)
         if lr is not None and lr.layout in ("linear", "conv1d"):
-            extra[PEFT_PREFIX + module + ".base_layer.bias"] = tuned_bias
-        elif skip_undecomposable:
-            report.skipped.append(module + ".bias")
+            ex.extra[PEFT_PREFIX + module + ".base_layer.bias"] = tuned_bias
+        elif skip:
+            ex.report.skipped.append(module + ".bias")
         else:  # the weight did not change: keep the whole module
-            to_save.add(module)
-            report.modules_to_save.append(module + ".bias")
-    if any(k.endswith(".base_layer.bias") for k in extra):
-        report.warnings.append(
+            ex.to_save.add(module)
+            ex.report.modules_to_save.append(module + ".bias")
+    if any(k.endswith(".base_layer.bias") for k in ex.extra):
+        ex.report.warnings.append(
             "changed layer biases are saved as PEFT bias='lora_only' tensors (vLLM refuses bias != 'none')"
         )
-    # tied output head: PEFT does not propagate a LoRA on the input embedding to the head, so the head gets
-    # the same delta as a Linear LoRA module of its own
-    tied = bool(cb.config.get("tie_word_embeddings", True))
-    if tied and head is not None and head not in cb.weight_map:
-        vocab = cb.config.get("vocab_size")
-        emb = [m for m, lr in modules.items() if lr.layout == "embedding" and lr.shape[0] == vocab]
-        if emb:
-            src = modules[emb[0]]
-            modules[head[: -len(".weight")]] = LowRank(A=src.A.clone(), B=src.B.clone(), layout="linear")
-            report.warnings.append(
-                f"the output head is tied to {emb[0]}: its delta is also applied to {head[: -len('.weight')]}"
-            )
-    # modules_to_save copy whole modules: every parameter of those modules comes from the tuned checkpoint
-    for module in sorted(to_save):
-        for name in names:
-            if name.rsplit(".", 1)[0] == module:
-                with open(ct.path / ct.weight_map[name], "rb") as f:
-                    extra[PEFT_PREFIX + name] = read_tensor(f, ct.info(name))
-                if module + ".weight" in layouts:
-                    modules.pop(module, None)  # the full copy supersedes the low-rank part
-    if report.skipped:
-        report.warnings.append(
-            f"skipped {len(report.skipped)} changed tensors that are not layer weights (e.g. {report.skipped[0]})"
-        )
-    if not modules and not extra:
-        raise IncompatibleAdapters("the checkpoints are identical: there is nothing to extract")
-    if (
-        head is not None
-        and head[: -len(".weight")] in modules
-        and "tie_word_embeddings" in cb.config
-        and cb.config["tie_word_embeddings"]
-    ):
-        report.warnings.append("the output head is tied to the embeddings; its delta was extracted separately")
+
+
+def _tie_head(cb: Checkpoint, head: str | None, ex: _Extraction) -> None:
+    """A head that transformers ties to the input embedding (the same tie groups the merge uses) changed with
+    it; PEFT does not propagate a LoRA on the embedding to the head, so the head gets the same delta as a Linear
+    LoRA module of its own (a merge applies the pair once, through the shared tensor)."""
+    from adaptermerge.surgery.arch import tie_groups
+
+    if head is None or head in cb.weight_map:
+        return
+    group = next((g for g in tie_groups(cb) if head in g), None)
+    emb = [k[: -len(".weight")] for k in (group or []) if k != head and k[: -len(".weight")] in ex.modules]
+    if not emb or ex.modules[emb[0]].layout != "embedding":
+        return
+    src = ex.modules[emb[0]]
+    ex.modules[head[: -len(".weight")]] = LowRank(A=src.A.clone(), B=src.B.clone(), layout="linear")
+    ex.report.warnings.append(
+        f"the output head is tied to {emb[0]}: its delta is also applied to {head[: -len('.weight')]}"
+    )
+
+
+def _copy_saved_modules(ct: Checkpoint, layouts: dict[str, str], ex: _Extraction) -> None:
+    """modules_to_save copy whole modules: every parameter of those modules comes from the tuned checkpoint."""
+    with SourceFiles(ct.path) as ft:
+        for module in sorted(ex.to_save):
+            for name in ct.weight_map:
+                if name.rsplit(".", 1)[0] == module:
+                    ex.extra[PEFT_PREFIX + name] = read_tensor(ft.get(ct.weight_map[name]), ct.info(name))
+                    if module + ".weight" in layouts:
+                        ex.modules.pop(module, None)  # the full copy supersedes the low-rank part
+
+
+def _adapter(
+    cb: Checkpoint,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    ex: _Extraction,
+    rank: int | None,
+    energy: float | None,
+    skip: bool,
+    dtype: torch.dtype | None,
+) -> Adapter:
     arch = (cb.config.get("architectures") or [""])[0]
-    out_dtype = dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    adapter = Adapter(
-        modules=modules,
+    dts = set(ex.dtypes)
+    out_dtype = dtype or (dts.pop() if len(dts) == 1 else torch.float32)
+    return Adapter(
+        modules=ex.modules,
         base_model=cb.config.get("_name_or_path") or str(Path(base).resolve()),
         task_type="CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
-        extra_tensors=extra,
-        modules_to_save=sorted(to_save) or None,
+        extra_tensors=ex.extra,
+        modules_to_save=sorted(ex.to_save) or None,
         dtype=out_dtype,
-        warnings=report.warnings,
+        warnings=ex.report.warnings,
         provenance={
             "method": "extract",
             "base": str(Path(base).resolve()),
             "tuned": str(Path(tuned).resolve()),
             "rank": rank,
             "energy": energy,
-            "skip_undecomposable": skip_undecomposable,
+            "skip_undecomposable": skip,
             "dtype": None if dtype is None else dtype_name(dtype),
-            "modules": [asdict(m) for m in report.modules],
+            "modules": [asdict(m) for m in ex.report.modules],
         },
     )
-    return adapter, report
 
 
 def save_extracted(adapter: Adapter, report: ExtractReport, out: str | os.PathLike, overwrite: bool = False) -> Path:

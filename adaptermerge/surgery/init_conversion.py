@@ -122,7 +122,7 @@ def _open_base(base: str | os.PathLike | Checkpoint | _Base) -> _Base:
 
 def _recomputed_terms(raw: Adapter, kind: str, value: Any, base: _Base, device: torch.device) -> dict[str, LowRank]:
     """Each module's init term recomputed from the base weights, in the layout PEFT's layer sees."""
-    from adaptermerge.surgery.plan import choose_prefix_map
+    from adaptermerge.io.checkpoint import choose_prefix_map
 
     ckpt = base.ckpt
     pm = choose_prefix_map(raw.modules, set(ckpt.weight_map))
@@ -263,7 +263,7 @@ def convert_to_plain_lora(
     Example:
         >>> import adaptermerge
         >>> plain = adaptermerge.convert_to_plain_lora("pissa-adapter", base="Llama-3-8B")  # doctest: +SKIP
-        >>> plain.save("pissa-adapter-as-lora")  # doctest: +SKIP
+        >>> adaptermerge.save_adapter(plain, "pissa-adapter-as-lora")  # doctest: +SKIP
     """
     if (base is None) == (initial_adapter is None):
         raise UsageError(

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -309,12 +308,9 @@ def _write_shards(
     executor: Executor, out_plan: list[ShardPlan], tmp: Staging, background: ThreadPoolExecutor, progress: bool
 ) -> None:
     """Each finished shard is flushed to disk in the background while the next one is computed."""
-    from tqdm.auto import tqdm
+    from adaptermerge.progress import bar as progress_bar
 
-    bar = tqdm(
-        total=sum(s.nbytes for s in out_plan), unit="B", unit_scale=True, desc="merging",
-        disable=not (progress and sys.stderr.isatty()),
-    )  # fmt: skip
+    bar = progress_bar(sum(s.nbytes for s in out_plan), "merging", "B", progress, unit_scale=True)
 
     def advance(nbytes: int, modules: int) -> None:
         bar.update(nbytes)

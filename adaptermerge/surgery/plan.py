@@ -19,7 +19,7 @@ from adaptermerge.adapter import Adapter
 from adaptermerge.dtypes import FLOAT_DTYPES
 from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, UnsupportedArchitecture
 from adaptermerge.io.adapter import PEFT_PREFIX
-from adaptermerge.io.checkpoint import Checkpoint
+from adaptermerge.io.checkpoint import Checkpoint, choose_prefix_map, map_name
 from adaptermerge.io.safetensors_header import TensorInfo
 from adaptermerge.io.stream import PlannedTensor
 from adaptermerge.lowrank import LowRank
@@ -80,36 +80,6 @@ class MergePlan:
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
-
-
-def _first(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
-def choose_prefix_map(names: Iterable[str], keys: set[str]) -> tuple[str, str] | None:
-    """A ``(strip, add)`` prefix pair such that every ``add + name[len(strip):] + '.weight'`` is a key.
-
-    Tries, in order: no change; stripping a shared first component (task-model adapter on a bare-model
-    checkpoint); adding a first component that checkpoint keys use (bare-model adapter on a task-model
-    checkpoint).
-    """
-    names = list(names)
-    if not names:
-        return ("", "")
-    options: list[tuple[str, str]] = [("", "")]
-    firsts = {_first(n) for n in names}
-    if len(firsts) == 1:
-        options.append((firsts.pop() + ".", ""))
-    for p in sorted({_first(k) for k in keys}):
-        options.append(("", p + "."))
-    for strip, add in options:
-        if all(n.startswith(strip) and f"{add}{n[len(strip) :]}.weight" in keys for n in names):
-            return strip, add
-    return None
-
-
-def _map(name: str, strip: str, add: str) -> str:
-    return add + name[len(strip) :] if name.startswith(strip) else name
 
 
 def _fix_layouts(ckpt: Checkpoint, adapter: Adapter, keys: dict[str, str], quantized: set[str]) -> Adapter:
@@ -286,16 +256,18 @@ def plan_merge(
             f"without a model prefix); the adapter was made for another architecture than {ckpt.path}"
         )
     strip, add = pm
-    adapter = _fix_layouts(ckpt, adapter, {m: _map(m, strip, add) + ".weight" for m in adapter.modules}, set(groups))
+    adapter = _fix_layouts(
+        ckpt, adapter, {m: map_name(m, strip, add) + ".weight" for m in adapter.modules}, set(groups)
+    )
     extras = _extra_keys(adapter, strip, add)
     rename = ("", "")
     if strip and any(n not in keys and n not in ties.alias for n in extras):
         # A head the bare checkpoint lacks: write the output with the task model's naming so that
         # transformers finds both the head and the backbone.
         rename = ("", strip)
-    modules = {m: _map(m, strip, add) + ".weight" for m in adapter.modules}
+    modules = {m: map_name(m, strip, add) + ".weight" for m in adapter.modules}
     changes = _changes(adapter, modules, extras)
-    _add_token_changes(ckpt, adapter, changes, ties, groups, lambda n: _map(n, strip, add) + ".weight")
+    _add_token_changes(ckpt, adapter, changes, ties, groups, lambda n: map_name(n, strip, add) + ".weight")
     quantized = _check_shapes(ckpt, adapter, modules, groups, quant_specs or {}, ties)
     untie = _untie(ties, changes, adapter)
     shards = _shard_jobs(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype)
@@ -316,7 +288,7 @@ def _extra_keys(adapter: Adapter, strip: str, add: str) -> dict[str, str]:
     extras: dict[str, str] = {}
     for k in adapter.extra_tensors:
         name = k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k
-        extras[_map(name.replace(".base_layer.", "."), strip, add)] = k
+        extras[map_name(name.replace(".base_layer.", "."), strip, add)] = k
     return extras
 
 

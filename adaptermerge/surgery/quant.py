@@ -29,6 +29,7 @@ from adaptermerge.dtypes import ST_TO_TORCH, TORCH_TO_ST, dtype_name
 from adaptermerge.errors import InvalidCheckpoint, NumericalError, UnsupportedArchitecture, UsageError
 from adaptermerge.io import bnb4
 from adaptermerge.io.checkpoint import Checkpoint
+from adaptermerge.io.files import SourceFiles
 from adaptermerge.io.stream import PlannedTensor, read_tensor
 from adaptermerge.surgery.plan import Action, Job, MergePlan, ShardPlan
 from adaptermerge.surgery.report import MergeReport, ModuleResult
@@ -57,22 +58,17 @@ def checkpoint_groups(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str,
         return {}, {}
     groups = bnb4.group_quantized(names)
     specs: dict[str, bnb4.QuantSpec] = {}
-    handles: dict[str, Any] = {}
-    try:
+    with SourceFiles(ckpt.path) as files:
         for w, members in groups.items():
             small = {}
             for m in members:
-                f = ckpt.weight_map[m]
-                if f not in handles:
-                    handles[f] = open(ckpt.path / f, "rb")  # noqa: SIM115
                 info = ckpt.info(m)
                 small[m] = (
-                    read_tensor(handles[f], info) if m != w else torch.empty(info.shape, dtype=ST_TO_TORCH[info.dtype])
+                    read_tensor(files.get(ckpt.weight_map[m]), info)
+                    if m != w
+                    else torch.empty(info.shape, dtype=ST_TO_TORCH[info.dtype])
                 )
             specs[w] = bnb4.read_spec(small, w)
-    finally:
-        for h in handles.values():
-            h.close()
     return groups, specs
 
 

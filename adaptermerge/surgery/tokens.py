@@ -64,7 +64,7 @@ def checkpoint_rows(ckpt: Checkpoint) -> BaseRows:
     """A reader of the base model's rows for :func:`adaptermerge.tokens.combine_token_rows`: module path (adapter
     naming, mapped across ``base_model_prefix`` as for merges) and row ids -> fp32 rows, read straight from the
     file."""
-    from adaptermerge.surgery.plan import choose_prefix_map
+    from adaptermerge.io.checkpoint import choose_prefix_map
 
     keys = set(ckpt.weight_map)
 

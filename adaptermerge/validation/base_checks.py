@@ -105,8 +105,8 @@ def _modules(adapter: Adapter, base: Base) -> Check:
 
 def _targets(adapter: Adapter, base: Base) -> Check:
     """Base layers that the config's target_modules selects but the adapter file has no factors for."""
+    from adaptermerge.io.checkpoint import choose_prefix_map
     from adaptermerge.surgery.arch import weight_layouts
-    from adaptermerge.surgery.plan import choose_prefix_map
 
     cfg = adapter.config
     layers = weight_layouts(base.ckpt)

@@ -3,7 +3,6 @@ and that transformers loads it with no missing or unexpected weights."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +47,16 @@ def _data_tensors(ck: Base) -> list[str]:
 
 def check_finite(ck: Base, progress: bool = False) -> Check:
     """checkpoint.finite: every floating tensor free of NaN/Inf, read one at a time."""
-    from tqdm.auto import tqdm
+    from adaptermerge.io.files import SourceFiles
+    from adaptermerge.progress import iterate
 
     names = _data_tensors(ck)
     bad: list[str] = []
-    handles: dict[str, Any] = {}
-    bar = tqdm(names, desc="scanning", unit="tensor", disable=not (progress and sys.stderr.isatty()))
-    try:
-        for n in bar:
-            f = ck.ckpt.weight_map[n]
-            if f not in handles:
-                handles[f] = open(ck.path / f, "rb")  # noqa: SIM115 - closed below
-            t = read_tensor(handles[f], ck.ckpt.info(n))
+    with SourceFiles(ck.path) as files:
+        for n in iterate(names, "scanning", "tensor", progress):
+            t = read_tensor(files.get(ck.ckpt.weight_map[n]), ck.ckpt.info(n))
             if t.numel() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
                 bad.append(n)
-    finally:
-        for h in handles.values():
-            h.close()
     if bad:
         return Check(
             "checkpoint.finite", "fail", f"{len(bad)} tensors hold NaN or Inf (first: {bad[0]})",
