@@ -46,10 +46,14 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         return [1.0 / n] * n
     w = [float(x) for x in weights]
     if len(w) != n:
-        raise UsageError(f"got {len(w)} weights for {n} adapters; give one weight per adapter")
+        raise UsageError(f"got {_count(len(w), 'weight')} for {_count(n, 'adapter')}; give one weight per adapter")
     if not all(torch.isfinite(torch.tensor(w)).tolist()):
         raise UsageError(f"weights must be finite numbers, got {w}")
     return w
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _norm_base(b: str | None) -> str | None:

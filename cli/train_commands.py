@@ -158,7 +158,9 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-examples", type=click.IntRange(min=1), help="Use the first N rows of each task file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per batch.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Longest example.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run."
+)
 @click.option("--no-base", is_flag=True, help="Leave out the base row (and the loss retention).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart.")

@@ -136,3 +136,14 @@ def test_help_and_version_do_not_import_torch() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().splitlines()[-1] == "False", p.stdout + p.stderr
+
+
+def test_every_option_of_every_command_is_described() -> None:
+    import click
+
+    for name, cmd in cli.commands.items():
+        ctx = click.Context(cmd)
+        for p in cmd.get_params(ctx):
+            if isinstance(p, click.Option) and "--help" not in p.opts:
+                assert p.help, f"adaptermerge {name} {p.opts[0]} has no description"
+        assert cmd.short_help and not cmd.short_help.endswith("..."), name

@@ -208,7 +208,7 @@ def test_cli_combine_recipe_replay_and_card(tmp_path: Path, pair) -> None:
 @pytest.mark.parametrize(
     "extra,code,needle",
     [
-        (["--weights", "0.5"], 2, "1 weights for 2 adapters"),
+        (["--weights", "0.5"], 2, "got 1 weight for 2 adapters"),
         (["--weights", "a,b"], 2, "expected numbers"),
         (["--method", "bogus"], 2, "Invalid value for '--method'"),
         (["--method", "cat", "--rank", "2"], 2, "--rank/--energy"),
