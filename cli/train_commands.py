@@ -22,7 +22,11 @@ def _setting_options(f: Any) -> Any:
             show_default=True,
             help="'all-linear' (every linear layer but the output head) or names: q_proj,v_proj,...",
         ),
-        click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="QLoRA: load the base in 4 bits."),
+        click.option(
+            "--quantize",
+            type=click.Choice(["nf4", "fp4"]),
+            help="QLoRA: load the base in 4 bits (double quantization, prepare_model_for_kbit_training).",
+        ),
         click.option("--steps", type=int, help="Optimizer steps (overrides --epochs)."),
         click.option("--epochs", type=float, help="Passes over the data (default 3)."),
         click.option("--lr", type=float, default=2e-4, show_default=True, help="Learning rate."),
@@ -50,7 +54,11 @@ SETTING_NAMES = (
 
 @cli.command("train")
 @click.option("--base", type=str, help="Base model folder with its tokenizer (or a Hub id already in the cache).")
-@click.option("--data", type=click.Path(dir_okay=False), help="Training data (JSONL).")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help="Training data: JSONL rows of prompt+completion, text, or chat messages.",
+)
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation data (JSONL) for the eval loss.")
 @_setting_options
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a training recipe.")
@@ -59,7 +67,7 @@ SETTING_NAMES = (
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints after a successful run.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder and discard old checkpoints.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (output, steps, losses, tokens, throughput, warnings).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(
     base: str | None,
@@ -162,7 +170,7 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
     "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run."
 )
 @click.option("--no-base", is_flag=True, help="Leave out the base row (and the loss retention).")
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores, retention and mean retention as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_cmd(
