@@ -34,7 +34,9 @@ Usage::
     python benchmarks/bench_merge.py --quick         # ~200 MB, warm cache only, under a minute (smoke test)
     python benchmarks/bench_merge.py --size-gb 3 --growth 0.4 1.5 3 --threads 1 --json merge.json
 
-The exit status is 1 when a goal or the correctness check fails. All sizes are decimal (1 MB = 10^6 bytes).
+The exit status is 1 when a goal or the correctness check fails. With ``--quick`` (~200 MB, where interpreter start
+and imports dominate the wall time) the time goal is printed as information; the memory goal and the correctness
+check are judged. All sizes are decimal (1 MB = 10^6 bytes).
 """
 
 from __future__ import annotations
@@ -503,6 +505,7 @@ def comparison(
     env: dict[str, str],
     repeat: int = 1,
     peft_rounds: int | None = None,
+    judge_time: bool = True,
 ) -> dict[str, Any]:
     """Every contender ``repeat`` times, round-robin, with the page cache in state ``cache``; medians and goals.
 
@@ -559,6 +562,7 @@ def comparison(
     res.update(
         rss_goal_bytes=rss_goal,
         time_goal_s=TIME_GOAL * durable_s,
+        time_judged=judge_time,
         time_ok=ours["wall_s"] <= TIME_GOAL * durable_s,
         time_ok_page_cache_copy=ours["wall_s"] <= TIME_GOAL * copy_s,
         rss_ok=ours["rss_bytes"] <= rss_goal,
@@ -577,11 +581,12 @@ def comparison(
         print("transformers+peft phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in ph.items()))
     print(
         f"goal wall <= {TIME_GOAL:g} x the copy with the same durability (copy+fsync, {TIME_GOAL * durable_s:.2f} s): "
-        f"{ours['wall_s']:.2f} s ({ours['wall_s'] / durable_s:.2f}x) -> {verdict(res['time_ok'])}"
+        f"{ours['wall_s']:.2f} s ({ours['wall_s'] / durable_s:.2f}x) -> "
+        + (verdict(res["time_ok"]) if judge_time else "info (--quick: the goal is judged on the full-size checkpoint)")
     )
     print(
         f"     against the page-cache copy (no fsync, {copy_s:.2f} s): {ours['wall_s'] / copy_s:.2f}x -> "
-        f"{verdict(res['time_ok_page_cache_copy'])}  (import torch alone: {runs['import torch']['wall_s']:.2f} s = "
+        f"{verdict(res['time_ok_page_cache_copy']) if judge_time else 'info'}  (import torch alone: {runs['import torch']['wall_s']:.2f} s = "
         f"{runs['import torch']['wall_s'] / copy_s:.2f}x this copy)"
     )
     print(
@@ -739,13 +744,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["checkpoint"], results["adapter"] = ck, ad
         for i, mode in enumerate(modes):
+            judge_time = not args.quick  # at ~200 MB, interpreter start and imports dominate: information only
             res = comparison(
-                mode, base, adapter, ck, tmp, shard_mb, not args.no_peft, i == 0, env, repeat, args.peft_rounds
-            )
+                mode, base, adapter, ck, tmp, shard_mb, not args.no_peft, i == 0, env, repeat, args.peft_rounds,
+                judge_time,
+            )  # fmt: skip
             results["comparisons"].append(res)
             failed |= not res.get("correctness", {"ok": True})["ok"]
             if i == 0:  # the goals are judged on the first mode (warm by default; see the docs)
-                failed |= not (res["time_ok"] and res["rss_ok"])
+                failed |= not ((res["time_ok"] or not judge_time) and res["rss_ok"])
         if args.profile:
             print("\nprofile of merge_into_base (in-process, warm page cache):", flush=True)
             prepare("warm", base, adapter)

@@ -334,10 +334,10 @@ MUTATIONS: list[Mutation] = [
         "        wn = math.sqrt(wsq)\n",
         "        wn = wsq\n",
         ("tests/test_surgery_merge.py::test_report_delta_norms_are_peft_delta_over_weight",),
-        "the streamed merge reports ||delta|| / ||W||^2",
+        "the streamed merge reports norm(delta) / norm(W)^2",
     ),
     M(
-        "merge-rows-bias-row-offset",
+        "merge-rows-block-offset",
         "adaptermerge/surgery/merge.py",
         "self._add_delta(ws, job.module, b[r0:r1], a, False, ST_TO_TORCH[job.src.dtype])",
         "self._add_delta(ws, job.module, b[r0 - b0 : r1 - b0], a, False, ST_TO_TORCH[job.src.dtype])",
