@@ -10,7 +10,7 @@ once in its file (a snippet the code no longer contains is reported as **stale**
 
 Usage::
 
-    python scripts/mutation_check.py                    # every mutation (about 10-15 min on 2 busy cores)
+    python scripts/mutation_check.py                    # every mutation (about 9 min on 2 shared cores)
     python scripts/mutation_check.py --list             # the list, nothing run
     python scripts/mutation_check.py --only combine-bias-unweighted default-weights-one
     python scripts/mutation_check.py --skip-baseline --json mutations.json
