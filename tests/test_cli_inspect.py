@@ -29,7 +29,36 @@ def test_inspect_adapter_text_and_json(llama_adapter: Path) -> None:
     r = CliRunner().invoke(cli, ["inspect", str(llama_adapter), "--json"])
     d = json.loads(r.output)
     assert d["kind"] == "adapter" and d["num_modules"] == 9 and d["ranks"] == {"4": 9}
-    assert all(m["scaling"] == 2.0 and m["delta_norm"] > 0 for m in d["modules"])
+    assert all(m["scaling"] == 2.0 for m in d["modules"])
+
+
+def test_inspect_figures_are_peft_s(tmp_path: Path) -> None:
+    """Per module, ``inspect --json`` gives PEFT's rank, alpha and scaling (rsLoRA, rank/alpha patterns), the base
+    weight's shape, and ``||delta||_F`` of PEFT's ``get_delta_weight``; GPT-2 Conv1D shapes are ``in x out``."""
+    from tests.helpers import make_adapter, peft_deltas, peft_model, tiny_gpt2
+
+    cases = [
+        (tiny_llama, dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                          rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+        (tiny_gpt2, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    ]  # fmt: skip
+    for i, (model_fn, lora) in enumerate(cases):
+        a = make_adapter(tmp_path / f"a{i}", model_fn, seed=3, **lora)
+        r = CliRunner().invoke(cli, ["inspect", str(a), "--json"])
+        assert r.exit_code == 0, r.output
+        got = {m["name"]: m for m in json.loads(r.output)["modules"]}
+        pm = peft_model(model_fn, a)
+        deltas = peft_deltas(pm, "a0")
+        assert set(got) == set(deltas)
+        layers = dict(pm.base_model.model.named_modules())
+        for name, d in deltas.items():
+            layer, m = layers[name], got[name]
+            factor = layer.lora_A["a0"].weight if "a0" in layer.lora_A else layer.lora_embedding_A["a0"]
+            assert m["rank"] == factor.shape[0] and m["alpha"] == layer.lora_alpha["a0"], name
+            assert abs(m["scaling"] - layer.scaling["a0"]) < 1e-12, name
+            assert m["shape"] == list(layer.base_layer.weight.shape) == list(d.shape), name
+            assert abs(m["delta_norm"] - float(d.double().norm())) <= 1e-5 * float(d.norm()), name
+        assert len({m["scaling"] for m in got.values()}) == (3 if i == 0 else 1)
 
 
 def test_inspect_checkpoint(tmp_path: Path) -> None:
