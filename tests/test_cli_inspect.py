@@ -27,7 +27,7 @@ def test_inspect_adapter_text_and_json(llama_adapter: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "model.layers.0.self_attn.q_proj" in r.output and "r=4" in r.output
     r = CliRunner().invoke(cli, ["inspect", str(llama_adapter), "--json"])
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["kind"] == "adapter" and d["num_modules"] == 9 and d["ranks"] == {"4": 9}
     assert all(m["scaling"] == 2.0 for m in d["modules"])
 
@@ -46,7 +46,7 @@ def test_inspect_figures_are_peft_s(tmp_path: Path) -> None:
         a = make_adapter(tmp_path / f"a{i}", model_fn, seed=3, **lora)
         r = CliRunner().invoke(cli, ["inspect", str(a), "--json"])
         assert r.exit_code == 0, r.output
-        got = {m["name"]: m for m in json.loads(r.output)["modules"]}
+        got = {m["name"]: m for m in json.loads(r.stdout)["modules"]}
         pm = peft_model(model_fn, a)
         deltas = peft_deltas(pm, "a0")
         assert set(got) == set(deltas)
@@ -66,7 +66,7 @@ def test_inspect_checkpoint(tmp_path: Path) -> None:
     m.save_pretrained(tmp_path / "base", max_shard_size="100KB")
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "base"), "--json"])
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["kind"] == "checkpoint" and d["num_shards"] > 1
     index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
     assert d["num_tensors"] == len(index["weight_map"]) and d["elements_by_dtype"]["F32"] == d["num_elements"]
@@ -121,7 +121,7 @@ def test_weights_normalization() -> None:
 
 def test_threads_option(llama_adapter: Path) -> None:
     r = CliRunner().invoke(cli, ["--threads", "1", "inspect", str(llama_adapter), "--json"])
-    assert r.exit_code == 0 and json.loads(r.output)["kind"] == "adapter"
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "adapter"
 
 
 def test_global_options_after_the_subcommand() -> None:

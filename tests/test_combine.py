@@ -488,7 +488,7 @@ def test_output_dtype_rules(tmp_path_factory, in_dtypes: list[str], dtype: str |
         if dtype
         else (getattr(torch, in_dtypes[0]) if len(set(in_dtypes)) == 1 else torch.float32)
     )
-    out = res.save(tmp_path_factory.mktemp("dt") / "o")
+    out = adaptermerge.save_adapter(res, tmp_path_factory.mktemp("dt") / "o")
     sd = load_file(str(out / "adapter_model.safetensors"))
     A, B = sd["base_model.model.model.layers.0.q.lora_A.weight"], sd["base_model.model.model.layers.0.q.lora_B.weight"]
     assert A.dtype == B.dtype == want
