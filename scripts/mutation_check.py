@@ -80,7 +80,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/inspection.py",
         'entry["delta_norm"] = m.frobenius_norm()',
         'entry["delta_norm"] = 2 * m.frobenius_norm()',
-        ("tests/test_cli_inspect.py::test_inspect_figures_are_peft_s",),
+        ("tests/cli/test_inspect.py::test_inspect_figures_are_peft_s",),
         "inspect reports delta norms x2",
     ),
     M(
@@ -88,7 +88,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/quant.py",
         "res.delta_survival = float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
         "res.delta_survival = 0.7 * float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
-        ("tests/test_surgery_quant.py::test_requantized_merge_no_worse_than_peft",),
+        ("tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",),
         "the 4-bit 'delta survival' figure x0.7",
     ),
     M(
@@ -97,8 +97,8 @@ MUTATIONS: list[Mutation] = [
         "return [1.0 / n] * n",
         "return [1.0] * n",
         (
-            "tests/test_lowrank_properties.py::test_default_weights_are_equal_and_sum_to_one",
-            "tests/test_surgery_merge.py::test_several_adapters_default_weights_are_equal",
+            "tests/test_lowrank.py::test_default_weights_are_equal_and_sum_to_one",
+            "tests/surgery/test_merge.py::test_several_adapters_default_weights_are_equal",
         ),
         "default weights 1 instead of 1/n",
     ),
@@ -115,7 +115,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         "return combine(loaded, weights, method=m, rank=rank, energy=energy, base=ckpt), loaded",
         "return combine(loaded, weights, method=m, base=ckpt), loaded",
-        ("tests/test_surgery_merge.py::test_several_adapters_svd_rank_and_energy",),
+        ("tests/surgery/test_merge.py::test_several_adapters_svd_rank_and_energy",),
         "merge with several adapters ignores --rank/--energy",
     ),
     M(
@@ -124,7 +124,7 @@ MUTATIONS: list[Mutation] = [
         'vals.extend(x for x in args[i].split(",") if x)',
         'vals[:0] = [x for x in args[i].split(",") if x]',
         (
-            "tests/test_cli_inspect.py::test_weights_normalization",
+            "tests/cli/test_inspect.py::test_weights_normalization",
             "tests/test_combine.py::test_weights_with_equals_sign",
         ),
         "--weights 0.7 0.3 parsed reversed",
@@ -167,7 +167,7 @@ MUTATIONS: list[Mutation] = [
         "cli/surgery_commands.py",
         "            rank=rank,\n            energy=energy,\n            dtype=dtype,\n            quantize=quantize,",
         "            rank=None,\n            energy=energy,\n            dtype=dtype,\n            quantize=quantize,",
-        ("tests/test_surgery_merge.py::test_several_adapters_svd_rank_and_energy",),
+        ("tests/surgery/test_merge.py::test_several_adapters_svd_rank_and_energy",),
         "the merge command does not pass --rank on",
     ),
     M(
@@ -183,7 +183,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/combination.py",
         'if spec.refactor == "lossless" and rank is None and energy is None:',
         'if spec.refactor == "lossless":',
-        ("tests/test_lowrank_properties.py::test_linear_with_rank_is_the_truncated_sum",),
+        ("tests/test_lowrank.py::test_linear_with_rank_is_the_truncated_sum",),
         "linear ignores --rank/--energy (keeps the numerical rank)",
     ),
     M(
@@ -191,7 +191,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "a = torch.cat([w * A.to(device=device, dtype=dtype) for w, A, _ in terms], dim=0)",
         "a = torch.cat([abs(w) * A.to(device=device, dtype=dtype) for w, A, _ in terms], dim=0)",
-        ("tests/test_lowrank_properties.py::test_negation",),
+        ("tests/test_lowrank.py::test_negation",),
         "the exact sum loses the sign of negative weights",
     ),
     # ---------------------------------------------------------------- lowrank.py
@@ -200,7 +200,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "    sq = S.double() ** 2\n    total = float(sq.sum())\n    if total == 0.0:\n        return 0",
         "    sq = S.double()\n    total = float(sq.sum())\n    if total == 0.0:\n        return 0",
-        ("tests/test_lowrank_properties.py::test_energy_keeps_at_least_requested",),
+        ("tests/test_lowrank.py::test_energy_keeps_at_least_requested",),
         "the energy rank is computed on S instead of S^2",
     ),
     M(
@@ -208,7 +208,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "    sq = S.double() ** 2\n    total = float(sq.sum())\n    return 1.0",
         "    sq = S.double()\n    total = float(sq.sum())\n    return 1.0",
-        ("tests/test_lowrank_properties.py::test_energy_keeps_at_least_requested",),
+        ("tests/test_lowrank.py::test_energy_keeps_at_least_requested",),
         "the reported kept energy is computed on S instead of S^2",
     ),
     M(
@@ -216,7 +216,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "return 1.0 if total == 0.0 else float(sq[:k].sum()) / total",
         "return 1.0",
-        ("tests/test_lowrank_properties.py::test_energy_keeps_at_least_requested",),
+        ("tests/test_lowrank.py::test_energy_keeps_at_least_requested",),
         "the reported kept energy is always 1.0",
     ),
     M(
@@ -224,7 +224,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "    return min(k, S.numel())",
         "    return min(k + 1, S.numel())",
-        ("tests/test_lowrank_properties.py::test_energy_keeps_at_least_requested",),
+        ("tests/test_lowrank.py::test_energy_keeps_at_least_requested",),
         "the energy truncation keeps one singular value too many",
     ),
     M(
@@ -232,7 +232,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "core = rb @ ra.transpose(-1, -2)",
         "core = rb @ ra",
-        ("tests/test_lowrank_properties.py::test_factored_svd_matches_dense",),
+        ("tests/test_lowrank.py::test_factored_svd_matches_dense",),
         "the factored SVD's core misses a transpose",
     ),
     M(
@@ -240,7 +240,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         'return (inn, out) if self.layout == "conv1d" else (out, inn)',
         "return (out, inn)",
-        ("tests/test_surgery_merge.py::test_gpt2_conv1d_and_lora_bias",),
+        ("tests/surgery/test_merge.py::test_gpt2_conv1d_and_lora_bias",),
         "a Conv1D delta's stored shape is not transposed",
     ),
     M(
@@ -248,7 +248,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/lowrank.py",
         "return float(torch.sqrt(torch.clamp(sq, min=0.0)))",
         "return float(torch.clamp(sq, min=0.0))",
-        ("tests/test_cli_inspect.py::test_inspect_figures_are_peft_s",),
+        ("tests/cli/test_inspect.py::test_inspect_figures_are_peft_s",),
         "the factored Frobenius norm forgets the square root",
     ),
     # ---------------------------------------------------------------- io/adapter.py
@@ -257,7 +257,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/adapter.py",
         'scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r',
         "scale = alpha / r",
-        ("tests/test_roundtrip_properties.py::test_random_configs_round_trip_exactly",),
+        ("tests/io/test_roundtrip.py::test_random_configs_round_trip_exactly",),
         "rsLoRA scaling alpha/sqrt(r) read as alpha/r",
     ),
     M(
@@ -266,8 +266,8 @@ MUTATIONS: list[Mutation] = [
         "    for key in pattern_keys:\n        if re.match",
         "    for key in reversed(pattern_keys):\n        if re.match",
         (
-            "tests/test_io_adapter.py::test_pattern_matching_like_peft",
-            "tests/test_io_adapter.py::test_round_trip_matches_peft[overlapping-patterns]",
+            "tests/io/test_adapter.py::test_pattern_matching_like_peft",
+            "tests/io/test_adapter.py::test_round_trip_matches_peft[overlapping-patterns]",
         ),
         "rank/alpha patterns matched last-first instead of PEFT's first-first",
     ),
@@ -276,7 +276,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/adapter.py",
         'lr = LowRank(A=eb.float().T.contiguous() * scale, B=ea.float().T.contiguous(), layout="embedding", scale=scale)',
         'lr = LowRank(A=ea.float() * scale, B=eb.float(), layout="embedding", scale=scale)',
-        ("tests/test_io_adapter.py::test_round_trip_matches_peft",),
+        ("tests/io/test_adapter.py::test_round_trip_matches_peft",),
         "embedding factors read without the transpose to the weight layout",
     ),
     M(
@@ -292,7 +292,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/adapter.py",
         '"fan_in_fan_out": any(m.layout == "conv1d" for m in adapter.modules.values()),',
         '"fan_in_fan_out": any(m.layout != "embedding" for m in adapter.modules.values()),',
-        ("tests/test_roundtrip_properties.py::test_save_load_is_exact",),
+        ("tests/io/test_roundtrip.py::test_save_load_is_exact",),
         "a Linear adapter is written with fan_in_fan_out (it comes back as Conv1D)",
     ),
     # ---------------------------------------------------------------- the merge executor and planner
@@ -301,7 +301,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         "ws.addmm_(aa.T, bb.T)",
         "ws.addmm_(bb, aa)",
-        ("tests/test_surgery_merge.py::test_gpt2_conv1d_and_lora_bias",),
+        ("tests/surgery/test_merge.py::test_gpt2_conv1d_and_lora_bias",),
         "a Conv1D weight receives delta instead of delta^T",
     ),
     M(
@@ -309,7 +309,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         'dim = 0 if lr.layout == "conv1d" else 1',
         'dim = 1 if lr.layout == "conv1d" else 0',
-        ("tests/test_surgery_merge.py::test_dora_matches_peft",),
+        ("tests/surgery/test_merge.py::test_dora_matches_peft",),
         "the DoRA norm is taken over the wrong axis",
     ),
     M(
@@ -317,7 +317,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         'writer.write_tensor(name, new.to("cpu", want))',
         'writer.write_tensor(name, new.to("cpu", torch.bfloat16).to(want))',
-        ("tests/test_surgery_merge.py::test_dora_matches_peft",),
+        ("tests/surgery/test_merge.py::test_dora_matches_peft",),
         "a merged weight is rounded to bf16 before the stored dtype",
     ),
     M(
@@ -325,7 +325,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/quant.py",
         "dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).to(stored)",
         "dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).clone()",
-        ("tests/test_quantize_archs.py::test_quantize_equals_transformers",),
+        ("tests/surgery/test_quantize_archs.py::test_quantize_equals_transformers",),
         "--quantize quantizes the fp32 merge, not the weight rounded to the stored dtype (bf16 bases)",
     ),
     M(
@@ -333,7 +333,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         "        wn = math.sqrt(wsq)\n",
         "        wn = wsq\n",
-        ("tests/test_surgery_merge.py::test_report_delta_norms_are_peft_delta_over_weight",),
+        ("tests/surgery/test_merge.py::test_report_delta_norms_are_peft_delta_over_weight",),
         "the streamed merge reports norm(delta) / norm(W)^2",
     ),
     M(
@@ -341,7 +341,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/merge.py",
         "self._add_delta(ws, job.module, b[r0:r1], a, False, ST_TO_TORCH[job.src.dtype])",
         "self._add_delta(ws, job.module, b[r0 - b0 : r1 - b0], a, False, ST_TO_TORCH[job.src.dtype])",
-        ("tests/test_surgery_merge.py::test_small_buffers_change_nothing",),
+        ("tests/surgery/test_merge.py::test_small_buffers_change_nothing",),
         "the streamed merge adds the wrong rows of B @ A after the first read block",
     ),
     M(
@@ -349,7 +349,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/surgery/plan.py",
         "    return add + name[len(strip) :] if name.startswith(strip) else name",
         "    return name[len(strip) :] if name.startswith(strip) else name",
-        ("tests/test_surgery_merge.py::test_bare_adapter_on_task_checkpoint",),
+        ("tests/surgery/test_merge.py::test_bare_adapter_on_task_checkpoint",),
         "the planner strips the adapter's prefix but does not add the checkpoint's",
     ),
     # ---------------------------------------------------------------- bnb4 codec
@@ -358,7 +358,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/bnb4.py",
         "nib = torch.stack([byte >> 4, byte & 15], dim=1)",
         "nib = torch.stack([byte & 15, byte >> 4], dim=1)",
-        ("tests/test_io_bnb4.py::test_dequantize_equals_bitsandbytes",),
+        ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "4-bit codes unpacked low nibble first",
     ),
     M(
@@ -366,7 +366,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/bnb4.py",
         "packed = (q[0::2] << 4) | q[1::2]",
         "packed = (q[1::2] << 4) | q[0::2]",
-        ("tests/test_io_bnb4.py::test_plain_path_is_bitsandbytes_quantize_4bit",),
+        ("tests/io/test_bnb4.py::test_plain_path_is_bitsandbytes_quantize_4bit",),
         "4-bit codes packed low nibble first",
     ),
     M(
@@ -374,7 +374,7 @@ MUTATIONS: list[Mutation] = [
         "adaptermerge/io/bnb4.py",
         "return code8.index_select(0, absmax.to(torch.int32)) * per_block + offset",
         "return code8.index_select(0, absmax.to(torch.int32)) * per_block",
-        ("tests/test_io_bnb4.py::test_dequantize_equals_bitsandbytes",),
+        ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "double-quantized scales decoded without the nested offset",
     ),
 ]

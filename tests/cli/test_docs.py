@@ -5,7 +5,7 @@ from pathlib import Path
 from adaptermerge.methods.registry import METHODS, method_names
 from adaptermerge_cli.main import cli
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_every_method_documented() -> None:

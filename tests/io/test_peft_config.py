@@ -129,6 +129,6 @@ def test_real_peft_adapters_with_unmodeled_fields_are_refused(tmp_path: Path, lo
 def test_docs_list_every_field() -> None:
     from adaptermerge.io.peft_config import fields_table
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "formats.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
     start, end = text.index("<!-- fields-table:start -->\n"), text.index("\n<!-- fields-table:end -->")
     assert text[start + len("<!-- fields-table:start -->\n") : end] == fields_table()
