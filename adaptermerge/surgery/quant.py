@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -120,6 +120,9 @@ class FourBit:
     transposed: set[str] = field(default_factory=set)  # --dequantize: groups written back as Conv1D (in x out)
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # group -> computed member tensors
     _rename: str = ""
+    # compute the per-module error figures of (re-)quantization; benchmarks/bench_merge4.py switches them off to
+    # measure what they cost
+    report: ClassVar[bool] = True
 
     @classmethod
     def open(
@@ -283,8 +286,9 @@ class FourBit:
         if job.action is Action.DEQUANT:
             dense = (target.T if group in self.transposed else target).cpu()
             return {self._rename + group: dense}, res if (module or job.extra_key) else None
-        tensors, rep = bnb4.quantize_with_report(target, spec, group, self.optimize)
-        _requant_figures(res, spec, tensors, group, target, w, rep)
+        tensors, rep = bnb4.quantize_with_report(target, spec, group, self.optimize, measure=self.report)
+        if self.report:
+            _requant_figures(res, spec, tensors, group, target, w, rep)
         # the statistics are numbers; the packed codes are not, even when bnb_4bit_quant_storage makes them floats
         if not all(bool(torch.isfinite(tensors[group + s]).all()) for s in bnb4.STAT_SUFFIXES if group + s in tensors):
             raise NumericalError(f"module {module}: re-quantization produced NaN/Inf")
