@@ -224,8 +224,12 @@ def rounds_of(cmds: dict[str, list[str]], outs: dict[str, Path], base: Path, ada
     rounds: dict[str, list[dict[str, Any]]] = {}
     for i in range(repeat):
         print(f"round {i + 1}/{repeat}:", flush=True)
-        for name, cmd in cmds.items():
-            out = outs.get(name)
+        names = list(cmds)
+        if i % 2:  # the report's pair in either order, so that neither always runs first
+            a, b = names.index("library"), names.index("library, no report")
+            names[a], names[b] = names[b], names[a]
+        for name in names:
+            cmd, out = cmds[name], outs.get(name)
             if out is not None:
                 shutil.rmtree(out, ignore_errors=True)
             bm.prepare("warm", base, adapter)
@@ -327,25 +331,28 @@ def summary(rounds: dict[str, list[dict[str, Any]]], meta: dict[str, Any], basel
             "wall_s_all": [r["wall_s"] for r in rs],
             "cpu_s": median([r["cpu_s"] for r in rs]),
             "rss_bytes": max(r["rss_bytes"] for r in rs),
-            **({"phases": {k: median([r["phases"][k] for r in rs]) for k in rs[0]["phases"]}} if "phases" in rs[0] else {}),
+            **(
+                {"phases": {k: median([r["phases"][k] for r in rs]) for k in rs[0]["phases"]}}
+                if "phases" in rs[0]
+                else {}
+            ),
         }
         for n, rs in rounds.items()
     }
     ours, peft, durable = runs["adaptermerge"], runs["transformers+peft"], runs["copy+fsync"]
-    lib, lib0 = runs["library"], runs["library, no report"]
-    # the report's share from the in-process merge time of the two library runs (same process layout)
-    m1, m0 = lib["phases"]["merge_into_base"], lib0["phases"]["merge_into_base"]
-    share = (m1 - m0) / m1 if m1 > 0 else 0.0
+    share = report_share(rounds["library"], rounds["library, no report"])
     rss_over = ours["rss_bytes"] - baseline_rss
     res = {
         "runs": runs,
         "time_ratio_vs_peft": ours["wall_s"] / peft["wall_s"],
         "time_ok": ours["wall_s"] <= peft["wall_s"],
         "report_share": share,
-        "report_ok": share <= REPORT_GOAL,
+        "report_ok": share["end_to_end"] <= REPORT_GOAL,
         "rss_over_import_bytes": rss_over,
     }
-    print(f"\n{'contender (median)':<20} {'wall':>8} {'cpu':>8} {'x peft':>7} {'x copy+fsync':>12} {'peak RSS':>9}  runs")
+    print(
+        f"\n{'contender (median)':<20} {'wall':>8} {'cpu':>8} {'x peft':>7} {'x copy+fsync':>12} {'peak RSS':>9}  runs"
+    )
     for n, r in runs.items():
         print(
             f"{n:<20} {r['wall_s']:7.2f}s {r['cpu_s']:7.2f}s {r['wall_s'] / peft['wall_s']:7.2f} "
@@ -359,8 +366,9 @@ def summary(rounds: dict[str, list[dict[str, Any]]], meta: dict[str, Any], basel
         f" ({res['time_ratio_vs_peft']:.2f}x) -> {bm.verdict(res['time_ok'])}"
     )
     print(
-        f"goal error report <= {REPORT_GOAL:.0%} of the merge: merge_into_base {m1:.2f} s with, {m0:.2f} s without "
-        f"-> {share:.1%} -> {bm.verdict(res['report_ok'])}"
+        f"goal error report <= {REPORT_GOAL:.0%} of the merge (paired rounds, medians of (with - without) / with): "
+        f"{share['end_to_end']:.1%} of the wall time end to end -> {bm.verdict(res['report_ok'])};  "
+        f"{share['merge_into_base']:.1%} of merge_into_base alone, {share['cpu']:.1%} of the CPU time"
     )
     print(
         f"peak RSS: adaptermerge {bm.fmt_mb(ours['rss_bytes'])} = import {bm.fmt_mb(baseline_rss)} + "
@@ -369,6 +377,21 @@ def summary(rounds: dict[str, list[dict[str, Any]]], meta: dict[str, Any], basel
         flush=True,
     )
     return res
+
+
+def report_share(with_report: list[dict[str, Any]], without: list[dict[str, Any]]) -> dict[str, float]:
+    """The error report's share of the merge, from rounds run back to back with and without it: medians over the
+    rounds of ``(with - without) / with`` for the wall time of the whole process (imports included), for
+    ``merge_into_base`` alone, and for the CPU time."""
+
+    def share(key) -> float:
+        return median([(key(a) - key(b)) / key(a) for a, b in zip(with_report, without)])
+
+    return {
+        "end_to_end": share(lambda r: r["wall_s"]),
+        "merge_into_base": share(lambda r: r["phases"]["merge_into_base"]),
+        "cpu": share(lambda r: r["cpu_s"]),
+    }
 
 
 def growth(layers: list[int], wide: dict[str, int], work: Path, tmp: Path, delta_ratio: float, env) -> list[dict]:

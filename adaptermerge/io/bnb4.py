@@ -468,17 +468,30 @@ def _block_absmax(wb: torch.Tensor, rem: int) -> torch.Tensor:
 
 
 def _encode_blocks(
-    wb: torch.Tensor, absmax: torch.Tensor, rem: int, quant_type: str, measure: _Residuals | None = None
-) -> torch.Tensor:
-    """bitsandbytes' ``quantize_4bit`` codes (uint8, ``wb``'s shape) of the blocks ``wb`` with scales ``absmax``:
-    normalized and encoded a cache-sized chunk at a time, so the scaled values never leave the cache; each chunk
-    is measured into ``measure`` while it is there."""
-    q = torch.empty(wb.shape, dtype=torch.uint8, device=wb.device)
+    wb: torch.Tensor,
+    absmax: torch.Tensor,
+    rem: int,
+    quant_type: str,
+    measure: _Residuals | None = None,
+    keep_codes: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """bitsandbytes' ``quantize_4bit`` of the blocks ``wb`` with scales ``absmax``: the packed codes (uint8, two per
+    byte, ``wb.numel() / 2`` bytes) and, with ``keep_codes``, the codes themselves (uint8, ``wb``'s shape).
+
+    Normalized, encoded and packed a cache-sized chunk at a time, so the scaled values never leave the cache;
+    each chunk is measured into ``measure`` while it is there. Padding values (zeros) get the code of 0, as
+    bitsandbytes pads an odd weight."""
+    packed = torch.empty(wb.numel() // 2, dtype=torch.uint8, device=wb.device)
+    q = torch.empty(wb.shape, dtype=torch.uint8, device=wb.device) if keep_codes else None
+    half = wb.shape[1] // 2  # bytes per block (block sizes are even)
     for lo, hi in _chunks(*wb.shape):
-        q[lo:hi] = _encode(_normalize(wb[lo:hi], absmax[lo:hi], rem if hi == wb.shape[0] else 0), quant_type)
+        qc = _encode(_normalize(wb[lo:hi], absmax[lo:hi], rem if hi == wb.shape[0] else 0), quant_type)
+        _pack_into(qc, packed[lo * half : hi * half])
+        if q is not None:
+            q[lo:hi] = qc
         if measure is not None:
-            measure.add(lo, hi, wb[lo:hi], q[lo:hi])
-    return q
+            measure.add(lo, hi, wb[lo:hi], packed[lo * half : hi * half])
+    return packed, q
 
 
 def _store_scales(
@@ -498,13 +511,16 @@ def _store_scales(
     return stored, bnbf.dequantize_blockwise(stored, state2) + offset, offset, state2
 
 
-def _pack(q: torch.Tensor, n: int, quant_type: str, storage: torch.dtype) -> torch.Tensor:
-    """Pack codes (uint8, >= n values, first n used) two per byte, high nibble first, as bnb's [bytes, 1] tensor."""
-    q = q.reshape(-1)[:n]
-    if n % 2:
-        q = torch.cat([q, _encode(torch.zeros(1, device=q.device), quant_type)])
-    pairs = q.view(-1, 2)
-    packed = (pairs[:, 0] << 4) | pairs[:, 1]
+def _pack_into(q: torch.Tensor, out: torch.Tensor) -> None:
+    """Pack an even number of codes (uint8) two per byte, high nibble first, into ``out`` (uint8)."""
+    pairs = q.reshape(-1, 2)
+    torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=out)
+
+
+def _as_stored(packed: torch.Tensor, n: int, storage: torch.dtype) -> torch.Tensor:
+    """Packed bytes (of a zero-padded weight) as bitsandbytes stores ``n`` codes: ``ceil(n/2)`` bytes (an odd
+    weight's last byte ends with the code of 0), viewed as ``storage``, shaped ``[elements, 1]``."""
+    packed = packed[: -(-n // 2)]
     if storage != torch.uint8:
         packed = packed.view(storage)
     return packed.unsqueeze(1).contiguous()
@@ -567,10 +583,11 @@ def _serialize(
 @dataclass
 class _Residuals:
     """Sums over the residual ``r = dequant - w`` of a quantization of the blocks ``w``, added chunk by chunk
-    (float32 within a chunk, float64 across chunks). Dequantization is recomputed exactly (``code[q] * scale``),
-    so ``sq_error`` is what :func:`dequantize` of the written tensors gives."""
+    (float32 within a chunk, float64 across chunks). Dequantization is recomputed exactly from the packed bytes
+    (``code[q] * scale``, one gather per byte as :func:`dequantize` does), so ``sq_error`` is what dequantizing
+    the written tensors gives."""
 
-    code: torch.Tensor  # float32 [16] by code
+    byte_values: torch.Tensor  # int64 [256], see _byte_values
     scale: torch.Tensor  # [blocks] the scale dequantization sees
     ref: torch.Tensor | None = None  # [blocks, blocksize] the weight before a change, to measure the change
     block_sq_errors: torch.Tensor | None = None  # [blocks] ||r||^2 per block, when wanted
@@ -579,9 +596,9 @@ class _Residuals:
     change_sq: float = 0.0  # ||w - ref||^2
     change_dot: float = 0.0  # <r, w - ref>
 
-    def add(self, lo: int, hi: int, w: torch.Tensor, q: torch.Tensor) -> None:
-        """Measure codes ``q`` (code indices) of the blocks ``lo:hi``, whose values are ``w``."""
-        r = self.code.index_select(0, q.reshape(-1).to(torch.int32)).view(w.shape)
+    def add(self, lo: int, hi: int, w: torch.Tensor, packed: torch.Tensor) -> None:
+        """Measure the blocks ``lo:hi``, whose values are ``w`` and whose packed codes are ``packed``."""
+        r = self.byte_values.index_select(0, packed.to(torch.int32)).view(torch.float32).view(w.shape)
         r.mul_(self.scale[lo:hi].unsqueeze(1)).sub_(w)
         rf, wf = r.view(-1), w.reshape(-1)
         self.target_sq += float(torch.dot(wf, wf))
@@ -690,7 +707,6 @@ def quantize_with_report(
         raise InvalidCheckpoint(
             f"{weight_name}: the reference weight has shape {tuple(reference.shape)}, the weight {tuple(spec.shape)}"
         )
-    code = _codebook(spec.quant_type, weight.device).code
     wb, rem = _as_blocks(weight, spec.blocksize)
     ref = None if reference is None else _as_blocks(reference, spec.blocksize)[0]
     with single_threaded():
@@ -700,35 +716,59 @@ def quantize_with_report(
         stored, scale, offset, state2 = _store_scales(absmax, spec)
         plain = None
         if optimize_scales or measure:
+            values = _byte_values(_codebook(spec.quant_type, weight.device).code, spec.quant_type)
             per_block = torch.empty(wb.shape[0], device=wb.device) if optimize_scales else None
-            plain = _Residuals(code, scale, ref, per_block)
-        q = _encode_blocks(wb, absmax, rem, spec.quant_type, plain)
+            plain = _Residuals(values, scale, ref, per_block)
+        packed, q = _encode_blocks(wb, absmax, rem, spec.quant_type, plain, keep_codes=optimize_scales)
         report = None
         if plain is not None:
             report = QuantReport(
                 plain.target_sq, plain.sq_error, plain.sq_error, wb.shape[0], 0, plain.change_sq, plain.change_dot
             )
         if optimize_scales:
-            assert report is not None and plain is not None and plain.block_sq_errors is not None
-            nested = None
-            if state2 is not None:
-                nbs = spec.nested_blocksize or DEFAULT_NESTED_BLOCKSIZE
-                nested = (offset, state2.absmax.repeat_interleave(nbs)[: wb.shape[0]], state2.code)
-            grid = tuple(DEFAULT_SCALE_GRID if scale_grid is None else scale_grid)
-            q, new_stored, scale, err = _search_scales(
-                wb, absmax, q, stored, scale, plain.block_sq_errors, spec, nested, grid, refine_steps
-            )
-            report.sq_error = float(err.sum(dtype=torch.float64))
-            report.blocks_changed = int((new_stored != stored).sum())
-            stored = new_stored
-            if ref is not None:  # the change carried by the new codes and scales
-                final = _Residuals(code, scale, ref)
-                for lo, hi in _chunks(*wb.shape):
-                    final.add(lo, hi, wb[lo:hi], q[lo:hi])
-                report.change_error_dot = final.change_dot
-        packed = _pack(q, spec.numel, spec.quant_type, spec.quant_storage)
+            assert report is not None and plain is not None and plain.block_sq_errors is not None and q is not None
+            packed, stored, report = _optimized(wb, absmax, q, stored, scale, plain, spec, offset, state2, report,
+                                                scale_grid, refine_steps)  # fmt: skip
     nested_absmax, nested_code = (state2.absmax, state2.code) if state2 is not None else (None, None)
-    return _serialize(weight_name, spec, packed, stored, offset, nested_absmax, nested_code), report
+    out = _as_stored(packed, spec.numel, spec.quant_storage)
+    return _serialize(weight_name, spec, out, stored, offset, nested_absmax, nested_code), report
+
+
+def _optimized(
+    wb: torch.Tensor,
+    absmax: torch.Tensor,
+    q: torch.Tensor,
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    plain: _Residuals,
+    spec: QuantSpec,
+    offset: torch.Tensor | None,
+    state2: Any | None,
+    report: QuantReport,
+    scale_grid: Sequence[float] | None,
+    refine_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, QuantReport]:
+    """The scale search from the plain result: (packed codes, stored scales, the report updated)."""
+    assert plain.block_sq_errors is not None
+    nested = None
+    if state2 is not None:
+        nbs = spec.nested_blocksize or DEFAULT_NESTED_BLOCKSIZE
+        nested = (offset, state2.absmax.repeat_interleave(nbs)[: wb.shape[0]], state2.code)
+    grid = tuple(DEFAULT_SCALE_GRID if scale_grid is None else scale_grid)
+    q, new_stored, new_scale, err = _search_scales(
+        wb, absmax, q, stored, scale, plain.block_sq_errors, spec, nested, grid, refine_steps
+    )
+    report.sq_error = float(err.sum(dtype=torch.float64))
+    report.blocks_changed = int((new_stored != stored).sum())
+    packed = torch.empty(wb.numel() // 2, dtype=torch.uint8, device=wb.device)
+    _pack_into(q, packed)
+    if plain.ref is not None:  # the change that the new codes and scales carry
+        final = _Residuals(plain.byte_values, new_scale, plain.ref)
+        half = wb.shape[1] // 2
+        for lo, hi in _chunks(*wb.shape):
+            final.add(lo, hi, wb[lo:hi], packed[lo * half : hi * half])
+        report.change_error_dot = final.change_dot
+    return packed, new_stored, report
 
 
 @dataclass
