@@ -6,8 +6,7 @@ from typing import Any
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.methods.registry import get_method
-from adaptermerge.outputs import base_model_text, card_metadata, front_matter, inputs_table
-from adaptermerge.recipe import RECIPE_NAME
+from adaptermerge.outputs import adapter_usage, base_model_text, card_metadata, front_matter, inputs_table
 
 
 def combine_card(result: Adapter, recipe: dict[str, Any]) -> str:
@@ -38,18 +37,6 @@ def combine_card(result: Adapter, recipe: dict[str, Any]) -> str:
         "",
         *inputs_table([(m["model"], m["parameters"]["weight"]) for m in recipe["models"]], "input adapter"),
         "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"adaptermerge combine --recipe {RECIPE_NAME} -o OUT",
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')",
-        "```",
-        "",
+        *adapter_usage("combine"),
     ]
     return "\n".join(lines)

@@ -122,6 +122,18 @@ def render_card(
     return "\n".join(lines)
 
 
+def adapter_usage(command: str) -> list[str]:
+    """The card's closing sections for an adapter folder: how to remake it (``adaptermerge COMMAND --recipe``) and
+    how to load it in PEFT."""
+    from adaptermerge.recipe import RECIPE_NAME
+
+    return [
+        "## Reproduce", "", "```bash", f"adaptermerge {command} --recipe {RECIPE_NAME} -o OUT", "```", "",
+        "## Use", "", "```python", "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')", "```", "",
+    ]  # fmt: skip
+
+
 def with_validation(card: str, section: str) -> str:
     """``card`` with its validation section replaced by ``section`` (appended when it has none)."""
     block = f"{VALIDATION_BEGIN}\n{section.rstrip()}\n{VALIDATION_END}\n"
