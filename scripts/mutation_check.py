@@ -5,8 +5,9 @@ transpose, an off-by-one, a wrong dtype) is applied one at a time to a temporary
 the working tree. For each, only the tests named for it run (``pytest -x``, in the copy, with the copy first on
 ``sys.path`` and on ``PYTHONPATH`` so that CLI subprocesses run the mutated code too). A mutation is **killed** when
 a test fails, **survived** when they all pass. The script first runs every named test on the unmutated copy
-(they must pass, else a kill would mean nothing) and checks that each mutation's original snippet occurs exactly
-once in its file (a snippet the code no longer contains is reported as **stale**: update the list).
+(they must pass, else a kill would mean nothing). Before anything runs (and with ``--list``), each mutation's
+original snippet must occur exactly once in its file and the mutated file must compile; a mutation that does not
+apply is reported as **stale** and the script stops with exit status 2 (update the list).
 
 Usage::
 
@@ -15,8 +16,8 @@ Usage::
     python scripts/mutation_check.py --only combine-bias-unweighted default-weights-one
     python scripts/mutation_check.py --skip-baseline --json mutations.json
 
-The exit status is 0 when every mutation is killed, 1 when one survives (or is stale, or its tests could not
-run). See docs/testing.md.
+The exit status is 0 when every mutation is killed, 1 when one survives (or its tests could not run, or the
+unmutated tests fail), 2 when a mutation is stale (nothing is run). See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "survival-scaled",
         "adaptermerge/surgery/quant.py",
-        "res.delta_survival = float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
-        "res.delta_survival = 0.7 * float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
+        "res.delta_survival = rep.change_kept",
+        "res.delta_survival = 0.7 * rep.change_kept",
         ("tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",),
         "the 4-bit 'delta survival' figure x0.7",
     ),
@@ -356,16 +357,16 @@ MUTATIONS: list[Mutation] = [
     M(
         "bnb4-dequant-nibble-order",
         "adaptermerge/io/bnb4.py",
-        "nib = torch.stack([byte >> 4, byte & 15], dim=1)",
-        "nib = torch.stack([byte & 15, byte >> 4], dim=1)",
+        "pairs = torch.stack([qmap.repeat_interleave(16), qmap.repeat(16)], dim=1).contiguous()",
+        "pairs = torch.stack([qmap.repeat(16), qmap.repeat_interleave(16)], dim=1).contiguous()",
         ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "4-bit codes unpacked low nibble first",
     ),
     M(
         "bnb4-pack-nibble-order",
         "adaptermerge/io/bnb4.py",
-        "packed = (q[0::2] << 4) | q[1::2]",
-        "packed = (q[1::2] << 4) | q[0::2]",
+        "torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=out)",
+        "torch.bitwise_or(pairs[:, 1] << 4, pairs[:, 0], out=out)",
         ("tests/io/test_bnb4.py::test_plain_path_is_bitsandbytes_quantize_4bit",),
         "4-bit codes packed low nibble first",
     ),
@@ -376,6 +377,33 @@ MUTATIONS: list[Mutation] = [
         "return code8.index_select(0, absmax.to(torch.int32)) * per_block",
         ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "double-quantized scales decoded without the nested offset",
+    ),
+    M(
+        "bnb4-encode-midpoint-up",
+        "adaptermerge/io/bnb4.py",
+        "pos += x.view(-1) > book.cell_bound.index_select(0, cell)",
+        "pos += x.view(-1) >= book.cell_bound.index_select(0, cell)",
+        ("tests/io/test_bnb4.py::test_values_on_the_code_book_midpoints_encode_like_bitsandbytes",),
+        "the table-lookup encoder sends a value exactly on a midpoint to the upper code (bitsandbytes: the lower)",
+    ),
+    M(
+        "bnb4-optimized-error-of-plain",
+        "adaptermerge/io/bnb4.py",
+        "    report.sq_error = float(err.sum(dtype=torch.float64))\n",
+        "    report.sq_error = plain.sq_error\n",
+        (
+            "tests/io/test_bnb4.py::test_optimize_scales_lowers_error",
+            "tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",
+        ),
+        "with optimize_scales the error report keeps the plain path's error, not that of the codes written",
+    ),
+    M(
+        "bnb4-survival-of-plain-codes",
+        "adaptermerge/io/bnb4.py",
+        "report.change_error_dot = final.change_dot",
+        "report.change_error_dot = plain.change_dot",
+        ("tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",),
+        "with optimize_scales the 4-bit 'delta survival' is measured on the plain path's codes, not those written",
     ),
     # ---------------------------------------------------------------- task-vector methods (methods/)
     M(
@@ -540,6 +568,32 @@ MUTATIONS: list[Mutation] = [
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_snippets(root: Path, mutations: list[Mutation]) -> dict[str, str]:
+    """Why each mutation that does not apply cleanly to the files under ``root`` does not (empty: all apply).
+
+    A mutation applies when its original snippet occurs exactly once in its file, the mutated text differs
+    from it, and the mutated file still compiles (a syntax error would "kill" a mutation without testing
+    anything)."""
+    problems: dict[str, str] = {}
+    for m in mutations:
+        path = root / m.file
+        if not path.is_file():
+            problems[m.name] = f"{m.file} does not exist"
+            continue
+        text = path.read_text(encoding="utf-8")
+        n = text.count(m.original)
+        if n != 1:
+            problems[m.name] = f"original snippet found {n} times in {m.file} (must be exactly once)"
+        elif m.mutated == m.original:
+            problems[m.name] = "the mutated snippet equals the original"
+        else:
+            try:
+                compile(text.replace(m.original, m.mutated), str(path), "exec")
+            except SyntaxError as e:
+                problems[m.name] = f"the mutated {m.file} does not compile: {e}"
+    return problems
+
+
 def tree_files(root: Path) -> list[str]:
     """The files git would carry: tracked, and untracked ones that are not ignored."""
     p = subprocess.run(
@@ -612,11 +666,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [m for m in MUTATIONS if m.name in args.only]
     names = [m.name for m in MUTATIONS]
     assert len(names) == len(set(names)), "mutation names must be unique"
+    problems = check_snippets(ROOT, chosen)
     if args.list:
         for m in chosen:
-            print(f"{m.name:34} {m.file:34} {m.what}")
+            flag = f"  <-- {problems[m.name]}" if m.name in problems else ""
+            print(f"{m.name:34} {m.file:34} {m.what}{flag}")
             for t in m.tests:
                 print(f"{'':34}   {t}")
+    if problems:
+        print(f"\n{len(problems)} mutation(s) do not apply to the current code: update their snippets", file=sys.stderr)
+        for name, why in problems.items():
+            print(f"  stale: {name}: {why}", file=sys.stderr)
+        return 2
+    if args.list:
+        print(f"\n{len(chosen)} mutations, every snippet found once")
         return 0
 
     t_start = time.perf_counter()
@@ -628,13 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         make_copy(copy)
         check_imports(copy)
         print(f"mutation check: {len(chosen)} mutations, copy of {ROOT} in {copy}", flush=True)
-        stale = []
-        for m in chosen:
-            n = (copy / m.file).read_text(encoding="utf-8").count(m.original)
-            if n != 1:
-                stale.append(m)
-                results.append({**asdict(m), "outcome": "stale", "seconds": 0.0, "detail": f"snippet found {n} times"})
-        live = [m for m in chosen if m not in stale]
+        problems = check_snippets(copy, chosen)
+        if problems:  # checked on the working tree already; the copy must agree
+            raise SystemExit(f"the copy differs from the working tree: {problems}")
+        live = chosen
         if not args.skip_baseline and live:
             tests = sorted({t for m in live for t in m.tests})
             print(f"baseline: {len(tests)} targeted tests, unmutated ...", flush=True)
