@@ -11,7 +11,7 @@ apply is reported as **stale** and the script stops with exit status 2 (update t
 
 Usage::
 
-    python scripts/mutation_check.py                    # every mutation (about 9 min on 2 shared cores)
+    python scripts/mutation_check.py                    # every mutation (about 10 min on 2 shared cores)
     python scripts/mutation_check.py --list             # the list, nothing run
     python scripts/mutation_check.py --only combine-bias-unweighted default-weights-one
     python scripts/mutation_check.py --skip-baseline --json mutations.json
