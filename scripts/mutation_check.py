@@ -562,6 +562,14 @@ MUTATIONS: list[Mutation] = [
         ("tests/io/test_safetensors_header.py::test_refused_like_safetensors",),
         "a safetensors header whose byte ranges overlap is accepted (only gaps are refused)",
     ),
+    M(
+        "4bit-members-in-file-order",
+        "adaptermerge/surgery/quant.py",
+        "        return [ShardPlan(s.file, _members_together(s.jobs), s.metadata) for s in plan.shards]\n",
+        "        return plan.shards\n",
+        ("tests/surgery/test_quant.py::test_group_members_written_together",),
+        "re-quantized groups written in the base's file order: every group's codes wait in memory (RSS grows with the model)",
+    ),
 ]
 
 
