@@ -48,6 +48,16 @@ class TaskData:
     path: Path
     rows: list[Row]
     bad: list[tuple[int, str]] = field(default_factory=list)
+    selected: bool = False  # the rows are a chosen part of the file's rows (``lines`` says which)
+
+    @property
+    def lines(self) -> list[int]:
+        """The file's line numbers of the rows (how a recipe names a selection)."""
+        return [r.line for r in self.rows]
+
+    def select(self, rows: list[Row]) -> TaskData:
+        """The same file with only ``rows`` (e.g. the part of a task file a search tunes on)."""
+        return TaskData(self.path, list(rows), self.bad, selected=True)
 
     @cached_property
     def sha256(self) -> str:
@@ -107,6 +117,20 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
         what = f"no usable row ({_describe_bad(bad)})" if bad else "no rows"
         raise InvalidData(f"{p} has {what}; expected JSON lines with prompt/completion, text or messages")
     return TaskData(p, rows, bad)
+
+
+def read_task_lines(path: str | os.PathLike, lines: list[int]) -> TaskData:
+    """The rows of a task file on the given line numbers (a selection a recipe recorded), in that order.
+
+    Raises:
+        InvalidData: the file is unreadable or bad (as :func:`read_task_file`), or a line holds no row.
+    """
+    data = read_task_file(path)
+    by_line = {r.line: r for r in data.rows}
+    missing = [n for n in lines if n not in by_line]
+    if missing:
+        raise InvalidData(f"{data.path}: no row on line {missing[0]}; the file changed since the selection was made")
+    return data.select([by_line[n] for n in lines])
 
 
 def _describe_bad(bad: list[tuple[int, str]]) -> str:
