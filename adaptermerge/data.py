@@ -119,6 +119,33 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
     return TaskData(p, rows, bad)
 
 
+def format_lines(lines: list[int]) -> str:
+    """Line numbers as compact ranges: ``[1, 2, 3, 7, 9, 10] -> "1-3,7,9-10"`` (order kept)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i
+        while j + 1 < len(lines) and lines[j + 1] == lines[j] + 1:
+            j += 1
+        parts.append(str(lines[i]) if i == j else f"{lines[i]}-{lines[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_lines(text: str | list[int]) -> list[int]:
+    """The inverse of :func:`format_lines` (a list of numbers is taken as it is)."""
+    if isinstance(text, list):
+        return [int(n) for n in text]
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"line numbers must look like 1-3,7,9-10, got {text!r}") from None
+    return out
+
+
 def read_task_lines(path: str | os.PathLike, lines: list[int]) -> TaskData:
     """The rows of a task file on the given line numbers (a selection a recipe recorded), in that order.
 

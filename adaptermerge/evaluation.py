@@ -388,6 +388,22 @@ def _adapters_on_base(base: Path, adapters: Sequence[tuple[str, Path]], device: 
     yield rows
 
 
+def report_from_scores(
+    metrics: Sequence[str],
+    tasks: Sequence[str],
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+    kinds: Mapping[str, str],
+    examples: Mapping[str, int] | None = None,
+) -> EvalReport:
+    """An :class:`EvalReport` from ``scores[model][metric][task]`` computed elsewhere (models in insertion order),
+    with retention filled in as :func:`evaluate` fills it (a model named like a task is that task's own adapter)."""
+    models = list(scores)
+    by_metric = {m: {name: dict(scores[name][m]) for name in models} for m in metrics}
+    report = EvalReport(list(metrics), list(tasks), models, dict(kinds), by_metric, examples=dict(examples or {}))
+    _retention(report)
+    return report
+
+
 def _retention(r: EvalReport) -> None:
     """Fill ``own`` (task -> adapter of the same name) and ``retention`` per metric."""
     r.own = {t: t for t in r.tasks if r.kinds.get(t) == "adapter"}

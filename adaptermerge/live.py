@@ -48,9 +48,14 @@ class LiveModel:
         base: the base model folder (or a cached Hub id), loaded as a causal LM.
         modules: the module paths (as adapters name them) that candidates may touch.
         device: ``cpu`` or ``cuda``.
+        progress: keep transformers' loading bar (off: it is switched off for the process, as ``evaluate`` does).
     """
 
-    def __init__(self, base: str | os.PathLike, modules: list[str], device: str = "cpu"):
+    def __init__(self, base: str | os.PathLike, modules: list[str], device: str = "cpu", progress: bool = False):
+        if not progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
         self.path: Path = resolve_base(base)
         self.tokenizer = load_tokenizer(self.path)
         self.model = load_causal_lm(self.path, device=device)

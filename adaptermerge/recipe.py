@@ -25,7 +25,7 @@ Combine / merge schema::
       - name: math
         file: /abs/path/to/math.jsonl
         sha256: ...
-        lines: [1, 2, 5]             # only when a part of the file was used (tune's search split)
+        lines: 1-2,5,7-9             # only when a part of the file was used (tune's search split)
     models:
       - model: /abs/path/to/adapter  # relative paths resolve against the recipe's folder
         parameters: {weight: 0.7}    # or a weight per layer group: {embeddings: 0.2, layers 0-10: 0.5, ...}
@@ -90,11 +90,13 @@ def model_entries(sources: Sequence[str | os.PathLike | None], weights: Sequence
 def task_entries(tasks: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
     """Recipe entries of the task data a data-aware method read: ``(name, TaskData)`` pairs, with the file's SHA-256
     and, for a selection of its rows, their line numbers."""
+    from adaptermerge.data import format_lines
+
     out = []
     for name, data in tasks:
         entry: dict[str, Any] = {"name": name, "file": str(Path(data.path).resolve()), "sha256": data.sha256}
         if data.selected:
-            entry["lines"] = data.lines
+            entry["lines"] = format_lines(data.lines)
         out.append(entry)
     return out
 
@@ -102,7 +104,7 @@ def task_entries(tasks: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
 def recipe_tasks(recipe: dict[str, Any], path: str | os.PathLike) -> list[tuple[str, Any]] | None:
     """The task data a recipe records (``None`` for data-free merges): each file checked against its SHA-256 and
     read (only the recorded lines, when a selection was used)."""
-    from adaptermerge.data import read_task_file, read_task_lines
+    from adaptermerge.data import parse_lines, read_task_file, read_task_lines
 
     entries = recipe.get("tasks")
     if not entries:
@@ -119,7 +121,7 @@ def recipe_tasks(recipe: dict[str, Any], path: str | os.PathLike) -> list[tuple[
                 f"{f} is missing or changed since the recipe was written (sha256 differs); it would not replay"
             )
         lines = e.get("lines")
-        out.append((str(e["name"]), read_task_lines(f, [int(n) for n in lines]) if lines else read_task_file(f)))
+        out.append((str(e["name"]), read_task_lines(f, parse_lines(lines)) if lines else read_task_file(f)))
     return out
 
 

@@ -193,5 +193,5 @@ def task_statistics(
     progress: bool = False,
 ) -> TaskStatistics:
     """Load ``base`` once, hook ``modules`` and collect every task's statistics (see :func:`collect_statistics`)."""
-    with LiveModel(base, list(modules), device=device) as live:
+    with LiveModel(base, list(modules), device=device, progress=progress) as live:
         return collect_statistics(live, adapters, tasks, max_length=max_length, progress=progress)
