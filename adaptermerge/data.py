@@ -90,7 +90,8 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
     Args:
         path: the file.
         skip_bad: skip bad rows (they are listed in ``TaskData.bad``) instead of refusing the file.
-        max_rows: keep only the first ``max_rows`` good rows.
+        max_rows: keep only the first ``max_rows`` good rows (the result then counts as a selection of the file's
+            rows: a recipe records their line numbers).
 
     Raises:
         InvalidData: the file is missing, empty, has no usable row, or (without ``skip_bad``) has a bad row;
@@ -116,7 +117,7 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
     if not rows:
         what = f"no usable row ({_describe_bad(bad)})" if bad else "no rows"
         raise InvalidData(f"{p} has {what}; expected JSON lines with prompt/completion, text or messages")
-    return TaskData(p, rows, bad)
+    return TaskData(p, rows, bad, selected=max_rows is not None and len(rows) >= max_rows)
 
 
 def format_lines(lines: list[int]) -> str:

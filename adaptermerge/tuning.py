@@ -15,7 +15,8 @@ The small pull towards zero weights (``l1``, LoraHub's 0.05) prefers the simpler
 Search space, in coordinates scaled to [0, 1] for CMA-ES (``sigma0 = 0.25``, starting from the method's defaults):
 
 - weights in ``[0, 1.5]`` (LoraHub searches ``[-1.5, 1.5]``; a negative weight subtracts a task's skill, which a
-  merge meant to keep every task never wants, and RegMean's weights weigh squared errors, so they are >= 0);
+  merge meant to keep every task never wants, and RegMean's weights weigh squared errors, so they are >= 0); for a
+  method that only sees their ratios (RegMean) they are used as shares summing to 1;
 - a float parameter with a declared finite range (``density``, ``gamma``, ``epsilon``, ``common_fraction``,
   ``alpha``) in that range; ``lambda`` (the global scale) in ``[0, 2]``; every other parameter (seeds, switches,
   spaces, ``keep`` whose default depends on the task count) stays at its default.
@@ -390,19 +391,39 @@ def search_space(spec: Method, n_adapters: int, groups: list[LayerGroup] | None)
     return out
 
 
-def decode(space: list[Variable], u: Sequence[float], n_adapters: int) -> tuple[list[Any], dict[str, float]]:
-    """``(weights, params)`` at scaled coordinates ``u``: per adapter a number, or ``{group key: number}``."""
+def decode(
+    space: list[Variable], u: Sequence[float], n_adapters: int, relative: bool = False
+) -> tuple[list[Any], dict[str, float]]:
+    """``(weights, params)`` at scaled coordinates ``u``: per adapter a number, or ``{group key: number}``.
+
+    ``relative``: the method only sees the weights' ratios (RegMean), so they are returned as shares summing to 1
+    (per layer group): the reported weights are the merge's, and the pull towards small weights does not drive
+    them all to zero along a direction that changes nothing.
+    """
     weights: list[Any] = [None] * n_adapters
     params: dict[str, float] = {}
     for var, x in zip(space, u, strict=True):
-        v = round(var.value(float(x)), 6)
+        v = var.value(float(x))
         if var.adapter is None:
-            params[var.name] = v
+            params[var.name] = round(v, 6)
         elif var.group is None:
             weights[var.adapter] = v
         else:
             weights[var.adapter] = {**(weights[var.adapter] or {}), var.group: v}
-    return weights, params
+    if relative:
+        weights = _shares(weights)
+    rounded = [{k: round(x, 6) for k, x in w.items()} if isinstance(w, dict) else round(w, 6) for w in weights]
+    return rounded, params
+
+
+def _shares(weights: list[Any]) -> list[Any]:
+    """Weights divided by their sum over the adapters (per group); equal shares when they sum to zero."""
+    keys = list(weights[0]) if isinstance(weights[0], dict) else [None]
+    col = {k: [w[k] if k is not None else w for w in weights] for k in keys}
+    share = {k: [x / sum(v) if sum(v) > 0 else 1.0 / len(v) for x in v] for k, v in col.items()}
+    if keys == [None]:
+        return share[None]
+    return [{k: share[k][i] for k in keys} for i in range(len(weights))]
 
 
 def _search_all(ctx: _Context, specs: list[Method], groups: list[LayerGroup] | None, budget: int, seed: int) -> list:
@@ -442,7 +463,7 @@ def _cma(ctx: _Context, spec: Method, space: list[Variable], budget: int, seed: 
 def _evaluator(ctx: _Context, spec: Method, space: list[Variable], pbar: Any) -> Callable[[list[float]], float]:
     def evaluate(u: list[float]) -> float:
         t = time.perf_counter()
-        weights, params = decode(space, u, len(ctx.adapters))
+        weights, params = decode(space, u, len(ctx.adapters), spec.relative_weights)
         try:
             merged = combine(
                 ctx.adapters, weights, method=spec.name, statistics=ctx.statistics if spec.data else None, **params

@@ -245,7 +245,16 @@ def test_search_space_and_decoding() -> None:
     assert weights[0] == {"layers 0-0": pytest.approx(1 / 3, abs=1e-6), "layers 1-1": pytest.approx(1 / 3, abs=1e-6)}
     assert params == {"density": 0.2, "lambda": 1.0}
     assert [v.name for v in search_space(get_method("tsv"), 2, None)] == ["w0", "w1", "lambda"]  # keep: default 1/T
-    assert [v.name for v in search_space(get_method("regmean"), 2, None)] == ["w0", "w1", "alpha", "lambda"]
+    rm = search_space(get_method("regmean"), 2, None)
+    assert [v.name for v in rm] == ["w0", "w1", "alpha", "lambda"]
+    # RegMean sees only the weights' ratios: they come back as shares (the L1 pull cannot shrink them for nothing)
+    assert decode(rm, [0.2, 0.6, 0.5, 0.5], 2, relative=True)[0] == [0.25, 0.75]
+    assert decode(rm, [0.0, 0.0, 0.5, 0.5], 2, relative=True)[0] == [0.5, 0.5]
+    g = search_space(get_method("regmean"), 2, groups)
+    assert decode(g, [0.1, 0.2, 0.3, 0.2, 0.5, 0.5], 2, relative=True)[0] == [
+        {"layers 0-0": 0.25, "layers 1-1": 0.5},
+        {"layers 0-0": 0.75, "layers 1-1": 0.5},
+    ]
     # lower is better: loss as it is, accuracies as 1 - score; plus the pull towards small weights
     assert objective({"a": 2.0, "b": 1.0}, [1.0, {"x": -3.0}], "loss", 0.05) == pytest.approx(1.5 + 0.05 * 2.0)
     assert objective({"a": 0.75, "b": 0.25}, [0.0, 0.0], "char", 0.05) == pytest.approx(0.5)

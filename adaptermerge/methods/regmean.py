@@ -221,5 +221,6 @@ register(
         params=(P_ALPHA, P_SCALE),
         data=("base", "tasks"),
         params_cls=RegMeanParams,
+        relative_weights=True,
     )
 )
