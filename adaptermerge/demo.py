@@ -6,9 +6,9 @@
    training) to copy words and, a little, the three task formats, so that LoRA adaptation is meaningful;
 2. trains one LoRA adapter per synthetic task (reverse, upper-case, Caesar shift) with :func:`train_adapter`;
    each adapter's data also replays the base's copy task, as practitioners do to limit forgetting;
-3. combines the adapters with every data-free method in the registry (new methods appear by themselves;
-   a method that refuses these inputs is listed with its reason), merges the exact sum into the base
-   checkpoint and into a 4-bit (NF4) base;
+3. combines the adapters with every method in the registry (RegMean's task inputs come from the training rows;
+   new methods appear by themselves; a method that refuses these inputs is listed with its reason), merges the
+   exact sum into the base checkpoint and into a 4-bit (NF4) base;
 4. evaluates the base, every adapter and every merge on every task (completion loss and per-character
    accuracy of greedy decoding), with retention against each task's own adapter;
 5. prints the table, writes it as JSON and as a PNG chart, and lists the output folders.
