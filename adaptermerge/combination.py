@@ -52,7 +52,7 @@ def normalize_weights(weights: Sequence[Weight] | None, n: int) -> list[Weight]:
         return [1.0 / n] * n
     w = [check_weight(x) for x in weights]
     if len(w) != n:
-        raise UsageError(f"got {len(w)} weights for {n} adapters; give one weight per adapter")
+        raise UsageError(f"got {_count(len(w), 'weight')} for {_count(n, 'adapter')}; give one weight per adapter")
     flat = [v for x in w for v in (x.values() if isinstance(x, Mapping) else [x])]
     if not all(torch.isfinite(torch.tensor(flat, dtype=torch.float64)).tolist()):
         raise UsageError(f"weights must be finite numbers, got {w}")
@@ -64,6 +64,10 @@ def _per_adapter(w: list[Weight], what: str) -> list[float]:
     if any(isinstance(x, Mapping) for x in w):
         raise UsageError(f"{what} take one weight per adapter; weights per layer group apply to the LoRA modules only")
     return [float(x) for x in w]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _norm_base(b: str | None) -> str | None:

@@ -93,7 +93,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         warnings.append("config declares bitsandbytes quantization but no 4-bit quant states were found")
     return {
         "kind": "checkpoint",
-        "path": str(ckpt.path),
+        "path": str(ckpt.path.resolve()),
         "model_type": ckpt.config.get("model_type"),
         "architectures": ckpt.config.get("architectures"),
         "num_shards": len(ckpt.shards),

@@ -1,27 +1,37 @@
-"""GPU check: the ``--device cuda`` paths against the CPU ones, and 4-bit outputs loaded on the GPU.
+"""GPU check: the ``--device cuda`` paths against the CPU ones and against independent references.
 
 Run it once on a machine with a CUDA device (a minute or two)::
 
     python benchmarks/device_check.py                 # device cuda
     python benchmarks/device_check.py --device cpu    # dry run of the same checks on CPU (CI-safe logic test)
 
-Checks, each printed as PASS/FAIL with its figures:
+Each check compares the result computed on the device twice: with the same computation on the CPU (the device
+must not change the result), and with a reference that does not use adaptermerge's code (PEFT's deltas and
+models, transformers + bitsandbytes, a dense torch SVD), so that a wrong result computed the same way on both
+devices fails too. With ``--device cpu`` the first comparison is trivially met; the second still checks the
+logic of every path. Checks, each printed as PASS/FAIL with its figures:
 
-1. ``combine`` (linear, svd rank 8) computed on the device equals the CPU result (relative error of every
-   module's product ``B @ A``);
-2. ``merge_into_base`` on the device equals the CPU merge: fp32 checkpoint (relative error), bf16 checkpoint
-   (at most one bf16 rounding step apart);
-3. ``merge --quantize nf4`` on the device: 4-bit codes equal to the CPU ones except at rounding ties;
+1. ``combine`` linear: every module's ``B @ A`` equals the CPU result and ``0.7 delta_a + 0.3 delta_b`` (PEFT);
+   ``combine`` svd rank 8: equals the CPU result and the best rank-8 approximation of that sum (dense SVD);
+2. ``merge_into_base`` fp32: every tensor equals the CPU merge and ``W + sum_i w_i delta_i`` (PEFT's deltas);
+   bf16: at most one rounding step from the CPU merge and from ``bf16(W + sum_i w_i delta_i)``;
+3. ``merge --quantize nf4``: 4-bit codes equal to the CPU ones and to what transformers + bitsandbytes write for
+   PEFT's merged model (``merge_and_unload``), except at rounding ties;
 4. a 4-bit base re-quantized by a device merge loads in transformers on the device as ``Linear4bit`` with no
-   missing or unexpected keys, and its logits match the same checkpoint loaded on CPU;
-5. the CLI ``adaptermerge --threads 2 combine ... --device DEVICE`` and ``merge ... --device DEVICE`` run.
+   missing or unexpected keys; its logits match the same checkpoint on CPU and the fp32 model holding the weights
+   bitsandbytes dequantizes from it; each merged weight is no further from ``dequant(W4) + delta`` (PEFT) than
+   bitsandbytes' own quantization of that target;
+5. the CLI ``adaptermerge --threads 2 combine ... --device DEVICE`` and ``merge ... --device DEVICE`` run and
+   write PEFT's weighted sum (svd: its dense rank-8 truncation) and PEFT's merge.
 
-The exit status is 1 when a check fails, 2 when the device is not available.
+The comparison functions are importable (``tests/test_device_check.py`` checks that each fails on a perturbed
+result). The exit status is 1 when a check fails, 2 when the device is not available.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +44,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FAILED: list[str] = []
+WEIGHTS = [0.7, 0.3]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# tolerances of the comparisons below
+REL_TOL = 1e-5  # fp32 products and tensors, relative Frobenius error
+SVD_TOL = 1e-4  # relative error against the dense truncated SVD
+BF16_STEPS = 1.0  # |a - b| / (|b| 2^-7): one bf16 rounding step
+CODES_TOL = 1e-3  # fraction of 4-bit codes that may differ (rounding ties)
+LOGITS_TOL = 1e-3  # device 4-bit kernels against the CPU reference kernel
 
 
 def check(name: str, ok: bool, detail: str) -> None:
@@ -47,6 +66,54 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+# ------------------------------------------------------------------------------------------- comparisons
+
+
+def worst_rel(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """The largest relative Frobenius error over the tensors of ``want`` (inf when the names differ)."""
+    if set(got) != set(want) or not want:
+        return float("inf")
+    return max(rel(got[k], want[k]) for k in want)
+
+
+def worst_bf16_steps(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """The largest ``|got - want| / (|want| 2^-7)`` (bf16 rounding steps; inf when names or dtypes differ)."""
+    if set(got) != set(want) or not want or any(got[k].dtype != want[k].dtype for k in want):
+        return float("inf")
+    worst = 0.0
+    for k in want:
+        g, w = got[k].double().cpu(), want[k].double().cpu()
+        worst = max(worst, float(((g - w).abs() / (w.abs() * 2.0**-7).clamp_min(1e-30)).max()))
+    return worst
+
+
+def truncation_error(got: dict[str, torch.Tensor], exact: dict[str, torch.Tensor], rank: int) -> float:
+    """The largest relative error against the best rank-``rank`` approximation of the exact sum (dense SVD; unique
+    where ``s_rank > s_rank+1``, which the check's adapters give by 8% of ``s_1`` or more); inf when names differ."""
+    if set(got) != set(exact) or not exact:
+        return float("inf")
+    worst = 0.0
+    for k, e in exact.items():
+        u, s, vh = torch.linalg.svd(e.double().cpu(), full_matrices=False)
+        worst = max(worst, rel(got[k], (u[:, :rank] * s[:rank]) @ vh[:rank]))
+    return worst
+
+
+def codes_differ(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """Fraction of differing bytes over the 4-bit codes of ``want`` (packed weights and double-quantized scales);
+    1.0 when names, shapes or dtypes differ, or when another tensor is not equal to float32 rounding."""
+    if set(got) != set(want) or any(got[k].shape != want[k].shape or got[k].dtype != want[k].dtype for k in want):
+        return 1.0
+    codes = [k for k in want if want[k].dtype == torch.uint8 and "quant_state" not in k]
+    others = [k for k in want if k not in codes and "quant_state" not in k]
+    if not codes or any(not torch.allclose(got[k].double(), want[k].double(), rtol=1e-5, atol=1e-7) for k in others):
+        return 1.0
+    return sum(int((got[k] != want[k]).sum()) for k in codes) / sum(want[k].numel() for k in codes)
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -54,6 +121,34 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def peft_weighted_sum(adapters: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+    """``sum_i w_i delta_i`` per LoRA module, from PEFT's ``get_delta_weight`` (float64)."""
+    from tests.helpers import peft_deltas, peft_model, tiny_llama
+
+    pm = peft_model(tiny_llama, *adapters)
+    out: dict[str, torch.Tensor] = {}
+    for i, w in enumerate(weights):
+        for name, d in peft_deltas(pm, f"a{i}").items():
+            out[name] = out.get(name, 0) + w * d.double()
+    return out
+
+
+def merged_reference(base: Path, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``base`` with ``W + delta`` (fp32, rounded once to the stored dtype) on the LoRA layers."""
+    ref = tensors(base)
+    for name, d in exact.items():
+        w = ref[f"{name}.weight"]
+        ref[f"{name}.weight"] = (w.float() + d.float()).to(w.dtype)
+    return ref
+
+
+def adapter_products(folder: Path) -> dict[str, torch.Tensor]:
+    """The deltas PEFT reads from an adapter folder (``get_delta_weight``)."""
+    from tests.helpers import peft_deltas, peft_model, tiny_llama
+
+    return peft_deltas(peft_model(tiny_llama, folder), "a0")
 
 
 def main() -> int:
@@ -65,83 +160,124 @@ def main() -> int:
         print(f"error: torch sees no CUDA device (torch {torch.__version__}); nothing was checked", file=sys.stderr)
         return 2
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import adaptermerge
-    from tests.helpers import input_ids, make_adapter, tiny_llama
+    from tests.helpers import input_ids, make_adapter, peft_deltas, tiny_llama, use_reference_4bit_kernels
+
+    use_reference_4bit_kernels()  # CPU 4-bit layers: dequantize + fp32 matmul, comparable at fp32 tolerances
 
     name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu"
     print(f"device_check: {dev} ({name}); torch {torch.__version__}, bitsandbytes {bnb.__version__}", flush=True)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with tempfile.TemporaryDirectory(prefix="device_check_") as tmp_s:
         tmp = Path(tmp_s)
-        a = make_adapter(tmp / "a", tiny_llama, r=8, lora_alpha=16, target_modules=targets, seed=1)
-        b = make_adapter(tmp / "b", tiny_llama, r=4, lora_alpha=4, target_modules=targets, seed=2)
+        a = make_adapter(tmp / "a", tiny_llama, r=8, lora_alpha=16, target_modules=TARGETS, seed=1)
+        b = make_adapter(tmp / "b", tiny_llama, r=4, lora_alpha=4, target_modules=TARGETS, seed=2)
+        exact = peft_weighted_sum([a, b], WEIGHTS)
 
         # 1. combine
         for method, kw in (("linear", {}), ("svd", {"rank": 8})):
             t0 = time.perf_counter()
-            on_dev = adaptermerge.combine([a, b], [0.7, 0.3], method=method, device=dev, **kw)
+            on_dev = adaptermerge.combine([a, b], WEIGHTS, method=method, device=dev, **kw)
             t1 = time.perf_counter()
-            on_cpu = adaptermerge.combine([a, b], [0.7, 0.3], method=method, device="cpu", **kw)
-            worst = max(rel(on_dev.modules[m].delta(), on_cpu.modules[m].delta()) for m in on_cpu.modules)
-            check(f"combine {method}", worst < 1e-5, f"worst module rel. error {worst:.2e} ({t1 - t0:.2f} s)")
+            on_cpu = adaptermerge.combine([a, b], WEIGHTS, method=method, device="cpu", **kw)
+            d_dev = {m: lr.delta() for m, lr in on_dev.modules.items()}
+            vs_cpu = worst_rel(d_dev, {m: lr.delta() for m, lr in on_cpu.modules.items()})
+            vs_ref = worst_rel(d_dev, exact) if method == "linear" else truncation_error(d_dev, exact, 8)
+            tol = REL_TOL if method == "linear" else SVD_TOL
+            ref_what = "PEFT weighted sum" if method == "linear" else "rank-8 truncated SVD of the PEFT weighted sum"
+            check(
+                f"combine {method}",
+                vs_cpu < REL_TOL and vs_ref < tol,
+                f"worst module rel. error vs CPU {vs_cpu:.2e}, vs {ref_what} {vs_ref:.2e} ({t1 - t0:.2f} s)",
+            )
 
         # 2. merge, fp32 and bf16
-        for dtype, tol in ((torch.float32, None), (torch.bfloat16, "ulp")):
+        for dtype in (torch.float32, torch.bfloat16):
             base = tmp / f"base-{dtype}".replace("torch.", "")
             tiny_llama(dtype=dtype).save_pretrained(base, max_shard_size="60KB")
             t0 = time.perf_counter()
-            adaptermerge.merge_into_base(base, [a, b], tmp / "m-dev", weights=[0.7, 0.3], device=dev)
+            adaptermerge.merge_into_base(base, [a, b], tmp / "m-dev", weights=WEIGHTS, device=dev)
             t1 = time.perf_counter()
-            adaptermerge.merge_into_base(base, [a, b], tmp / "m-cpu", weights=[0.7, 0.3], device="cpu")
-            td, tc = tensors(tmp / "m-dev"), tensors(tmp / "m-cpu")
-            if tol is None:
-                worst = max(rel(td[k], tc[k]) for k in tc)
-                check("merge fp32", td.keys() == tc.keys() and worst < 1e-6, f"worst tensor rel. error {worst:.2e}")
+            adaptermerge.merge_into_base(base, [a, b], tmp / "m-cpu", weights=WEIGHTS, device="cpu")
+            td, tc, ref = tensors(tmp / "m-dev"), tensors(tmp / "m-cpu"), merged_reference(base, exact)
+            if dtype == torch.float32:
+                vs_cpu, vs_ref = worst_rel(td, tc), worst_rel(td, ref)
+                check("merge fp32", vs_cpu < 1e-6 and vs_ref < 1e-6, f"worst tensor rel. error vs CPU {vs_cpu:.2e}, vs W + PEFT deltas {vs_ref:.2e}")  # fmt: skip
             else:
-                steps = max(
-                    float(
-                        ((td[k].float() - tc[k].float()).abs() / (tc[k].float().abs() * 2.0**-7).clamp_min(1e-30)).max()
-                    )
-                    for k in tc
-                )
-                check("merge bf16", td.keys() == tc.keys() and steps <= 1.0, f"at most {steps:.2f} bf16 ulp apart")
+                vs_cpu, vs_ref = worst_bf16_steps(td, tc), worst_bf16_steps(td, ref)
+                check("merge bf16", vs_cpu <= BF16_STEPS and vs_ref <= BF16_STEPS, f"at most {vs_cpu:.2f} bf16 steps from CPU, {vs_ref:.2f} from bf16(W + PEFT deltas)")  # fmt: skip
             print(f"      ({dtype}: device merge {t1 - t0:.2f} s)")
             for p in (tmp / "m-dev", tmp / "m-cpu"):
-                import shutil
-
                 shutil.rmtree(p)
 
         # 3. --quantize nf4 on the device
         fp32 = tmp / "base-float32"
-        adaptermerge.merge_into_base(fp32, a, tmp / "q-dev", quantize="nf4", device=dev)
-        adaptermerge.merge_into_base(fp32, a, tmp / "q-cpu", quantize="nf4", device="cpu")
-        qd, qc = tensors(tmp / "q-dev"), tensors(tmp / "q-cpu")
-        packed = [k for k in qc if k.endswith(".weight") and qc[k].dtype == torch.uint8]
-        diff = sum(int((qd[k] != qc[k]).sum()) for k in packed)
-        total = sum(qc[k].numel() for k in packed)
-        check("quantize nf4", qd.keys() == qc.keys() and diff <= total * 1e-3, f"{diff} of {total} packed bytes differ")
-
-        # 4. a 4-bit base, merged on the device, loaded on the device
         cfg = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
+        adaptermerge.merge_into_base(fp32, a, tmp / "q-dev", quantize="nf4", device=dev)
+        adaptermerge.merge_into_base(fp32, a, tmp / "q-cpu", quantize="nf4", device="cpu")
+        PeftModel.from_pretrained(tiny_llama(), str(a)).merge_and_unload().save_pretrained(tmp / "peft-dense")
+        AutoModelForCausalLM.from_pretrained(tmp / "peft-dense", quantization_config=cfg, device_map="cpu").save_pretrained(tmp / "q-ref")  # fmt: skip
+        qd, qc, qr = tensors(tmp / "q-dev"), tensors(tmp / "q-cpu"), tensors(tmp / "q-ref")
+        vs_cpu, vs_ref = codes_differ(qd, qc), codes_differ(qd, qr)
+        check("quantize nf4", vs_cpu <= CODES_TOL and vs_ref <= CODES_TOL, f"packed bytes differing: {vs_cpu:.2e} vs CPU, {vs_ref:.2e} vs transformers + bitsandbytes on PEFT's merge")  # fmt: skip
+
+        # 4. a 4-bit base, merged on the device, loaded on the device
         AutoModelForCausalLM.from_pretrained(fp32, quantization_config=cfg, device_map="cpu").save_pretrained(
             tmp / "nf4"
         )
         rep = adaptermerge.merge_into_base(tmp / "nf4", a, tmp / "nf4-merged", device=dev)
         m_dev, info = AutoModelForCausalLM.from_pretrained(tmp / "nf4-merged", device_map=dev, output_loading_info=True)
         m_cpu = AutoModelForCausalLM.from_pretrained(tmp / "nf4-merged", device_map="cpu")
+        q_base = AutoModelForCausalLM.from_pretrained(tmp / "nf4", device_map="cpu")
+
+        def dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {
+                n: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float().cpu()
+                for n, m in model.named_modules()
+                if isinstance(m, bnb.nn.Linear4bit)
+            }
+
+        ours, w4 = dequantized(m_cpu), dequantized(q_base)
+        dense = tiny_llama()
+        mods = dict(dense.named_modules())
+        with torch.no_grad():
+            for n, w in ours.items():
+                mods[n].weight.copy_(w)
+        deltas = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(a)), "default")
+        worse = []
+        for n, d in deltas.items():
+            target = w4[n] + d
+            q, st = bnbf.quantize_4bit(target, blocksize=64, quant_type="nf4", compress_statistics=True)
+            if rel(ours[n], target) > rel(bnbf.dequantize_4bit(q, st).float(), target) + 1e-6:
+                worse.append(n)
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in m_dev.modules())
         ids = input_ids()
         with torch.no_grad():
             ld = m_dev(input_ids=ids.to(dev)).logits.float().cpu()
             lc = m_cpu(input_ids=ids).logits.float()
-        err = rel(ld, lc)
-        ok = n4 == len(rep.modules) and not info["missing_keys"] and not info["unexpected_keys"] and err < 1e-3
-        check("4-bit output on device", ok, f"{n4} Linear4bit modules, logits rel. error vs CPU {err:.2e}")
+            lr = dense(input_ids=ids).logits.float()
+        err, err_ref = rel(ld, lc), rel(ld, lr)
+        ok = n4 == len(q_base.model.layers) * len(TARGETS) and len(rep.modules) == len(deltas) and not worse
+        ok = (
+            ok
+            and not info["missing_keys"]
+            and not info["unexpected_keys"]
+            and err < LOGITS_TOL
+            and err_ref < LOGITS_TOL
+        )
+        check(
+            "4-bit output on device",
+            ok,
+            f"{n4} Linear4bit modules, logits rel. error vs CPU {err:.2e}, vs fp32 model of the dequantized weights "
+            f"{err_ref:.2e}; {len(deltas) - len(worse)} of {len(deltas)} merged weights no further from "
+            "dequant(W4) + delta than bitsandbytes' own quantization of it",
+        )
 
         # 5. the CLI
         cli = [sys.executable, "-m", "adaptermerge_cli", "--threads", "2"]
@@ -152,7 +288,14 @@ def main() -> int:
         }  # fmt: skip
         for label, cmd in runs.items():
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            check(label, p.returncode == 0, f"exit {p.returncode} {p.stderr.strip()[-300:]}")
+            if p.returncode != 0:
+                check(label, False, f"exit {p.returncode} {p.stderr.strip()[-300:]}")
+            elif label == "cli combine":
+                err = truncation_error(adapter_products(tmp / "cli-c"), exact, 8)
+                check(label, err < SVD_TOL, f"exit 0; rel. error vs rank-8 truncated SVD of the PEFT sum {err:.2e}")
+            else:
+                vs_ref = worst_rel(tensors(tmp / "cli-m"), merged_reference(fp32, peft_weighted_sum([a], [1.0])))
+                check(label, vs_ref < 1e-6, f"exit 0; worst tensor rel. error vs W + PEFT delta {vs_ref:.2e}")
     print(f"\n{'all checks passed' if not FAILED else 'FAILED: ' + ', '.join(FAILED)}")
     return 1 if FAILED else 0
 

@@ -226,6 +226,11 @@ def _register() -> None:
         validate_commands,
     )
 
+    for cmd in cli.commands.values():  # the command list shows each first sentence whole, never cut mid-phrase
+        if cmd.short_help is None and cmd.help:
+            first = cmd.help.strip().split("\n\n")[0]
+            cmd.short_help = " ".join(first.split(". ")[0].split()).rstrip(".")
+
 
 def main() -> None:
     """Console-script entry point.

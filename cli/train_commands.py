@@ -23,7 +23,11 @@ def _setting_options(f: Any) -> Any:
             show_default=True,
             help="'all-linear' (every linear layer but the output head) or names: q_proj,v_proj,...",
         ),
-        click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="QLoRA: load the base in 4 bits."),
+        click.option(
+            "--quantize",
+            type=click.Choice(["nf4", "fp4"]),
+            help="QLoRA: load the base in 4 bits (double quantization, prepare_model_for_kbit_training).",
+        ),
         click.option("--steps", type=int, help="Optimizer steps (overrides --epochs)."),
         click.option("--epochs", type=float, help="Passes over the data (default 3)."),
         click.option("--lr", type=float, default=2e-4, show_default=True, help="Learning rate."),
@@ -51,7 +55,11 @@ SETTING_NAMES = (
 
 @cli.command("train")
 @click.option("--base", type=str, help="Base model folder with its tokenizer (or a Hub id already in the cache).")
-@click.option("--data", type=click.Path(dir_okay=False), help="Training data (JSONL).")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help="Training data: JSONL rows of prompt+completion, text, or chat messages.",
+)
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation data (JSONL) for the eval loss.")
 @_setting_options
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a training recipe.")
@@ -60,7 +68,7 @@ SETTING_NAMES = (
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints after a successful run.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder and discard old checkpoints.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (output, steps, losses, tokens, throughput, warnings).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(
     base: str | None,
@@ -147,9 +155,11 @@ def _given_settings(settings: dict[str, Any]) -> bool:
 @click.option("--max-examples", type=click.IntRange(min=1), help="Use the first N rows of each task file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per batch.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Longest example.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run."
+)
 @click.option("--no-base", is_flag=True, help="Leave out the base row (and the loss retention).")
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores, retention and mean retention as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_cmd(

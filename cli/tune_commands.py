@@ -57,7 +57,9 @@ def format_tune(d: dict[str, Any], summary: str) -> str:
 )
 @click.option("--max-examples", type=click.IntRange(min=1), help="Use the first N rows of each task file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Examples per batch.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs."
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist or be empty).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["ADAPTERMERGE_CACHE"] = "off"  # every test asks transformers; tests/io/test_cache.py turns it on
 warnings.filterwarnings("ignore")
 
 from tests.helpers import make_adapter, tiny_gpt2, tiny_llama, use_reference_4bit_kernels  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import adaptermerge
 from adaptermerge.errors import IncompatibleAdapters, UsageError
@@ -125,11 +128,51 @@ def test_rslora_cat_is_not_overscaled(tmp_path: Path) -> None:
     assert abs(ratio - 32**0.5) < 1e-3
 
 
-def test_svd_energy_and_rank_cap(pair) -> None:
-    out = adaptermerge.combine(list(pair), W, method="svd", energy=0.9, rank=3)
-    for rep in out.provenance["modules"]:
-        assert rep["rank"] <= 3
-        assert rep["kept_energy"] >= 0.9 or rep["rank"] == 3
+@pytest.mark.parametrize("energy,rank", [(0.9, 3), (0.6, None), (0.999, 5)])
+def test_svd_energy_and_rank_cap(pair, energy: float, rank: int | None) -> None:
+    """Per module, the stored rank is the smallest k whose top-k singular values of the exact weighted sum (PEFT's
+    deltas, dense SVD here) keep ``energy`` of its squared norm, capped by ``rank``; the stored delta keeps exactly
+    that energy (Eckart-Young), and the report says what was stored."""
+    out = adaptermerge.combine(list(pair), W, method="svd", energy=energy, rank=rank)
+    exact = exact_deltas(tiny_llama, pair, W)
+    reports = {r["name"]: r for r in out.provenance["modules"]}
+    assert set(reports) == set(out.modules) == set(exact)
+    ranks = set()
+    for name, dense in exact.items():
+        s2 = torch.linalg.svdvals(dense).pow(2)
+        share = torch.cumsum(s2, 0) / s2.sum()
+        k = int((share < energy - 1e-12).sum()) + 1
+        k = min(k, rank) if rank is not None else k
+        got = out.modules[name].weight_delta(torch.float64)
+        assert out.modules[name].rank == k == reports[name]["rank"], name
+        kept = 1 - float((dense - got).pow(2).sum() / s2.sum())  # energy the stored delta really keeps
+        assert abs(kept - float(share[k - 1])) < 1e-5 and abs(reports[name]["kept_energy"] - kept) < 1e-5, name
+        ranks.add(k)
+    assert len(ranks) > 1 or rank is not None  # the energy rule, not a constant, chose the ranks
+
+
+def test_svd_default_rank_is_the_largest_input_rank_like_peft(tmp_path: Path) -> None:
+    """Without --rank, svd keeps the largest input rank per module, as PEFT's add_weighted_adapter(svd) does; the
+    written adapter has PEFT's rank and PEFT's product."""
+    a = make_adapter(tmp_path / "a", tiny_llama, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=1)
+    b = make_adapter(tmp_path / "b", tiny_llama, r=6, lora_alpha=6, target_modules=["q_proj", "v_proj"], seed=2)
+    pm = peft_model(tiny_llama, a, b)
+    pm.add_weighted_adapter(["a0", "a1"], [0.8, -0.5], "m", combination_type="svd")
+    ref = peft_deltas(pm, "m")
+    peft_rank = {
+        n: int(m.lora_A["m"].weight.shape[0])
+        for n, m in pm.base_model.model.named_modules()
+        if hasattr(m, "lora_A") and "m" in m.lora_A
+    }
+    out = adaptermerge.save_combined(adaptermerge.combine([a, b], [0.8, -0.5], method="svd"), tmp_path / "out")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert set(peft_rank.values()) == {6}
+    for name, r in peft_rank.items():
+        assert sd[f"base_model.model.{name}.lora_A.weight"].shape[0] == r, name
+    got = peft_deltas(peft_model(tiny_llama, out), "a0")
+    assert set(got) == set(ref) and all(rel_err(got[n], ref[n]) < 1e-4 for n in ref)
 
 
 def test_refusals(tmp_path: Path, pair) -> None:
@@ -148,7 +191,9 @@ def test_refusals(tmp_path: Path, pair) -> None:
         (p / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(IncompatibleAdapters, match="different bases"):
         adaptermerge.combine([a, b])
-    assert adaptermerge.combine([a, b], allow_different_base=True).modules
+    allowed = our_deltas(adaptermerge.combine([a, b], allow_different_base=True))
+    exact = exact_deltas(tiny_llama, [a, b], [0.5, 0.5])
+    assert set(allowed) == set(exact) and all(rel_err(allowed[n], exact[n]) < 1e-6 for n in exact)
     with pytest.raises(UsageError):
         adaptermerge.combine([a, b], method="cat", rank=2)
     with pytest.raises(UsageError, match="unknown method"):
@@ -188,7 +233,9 @@ def test_cli_combine_recipe_replay_and_card(tmp_path: Path, pair) -> None:
     assert "0.7" in card and "Eckart" in card
     recipe = yaml.safe_load((out1 / "adaptermerge_recipe.yaml").read_text())
     assert recipe["merge_method"] == "svd" and recipe["models"][0]["parameters"]["weight"] == 0.7
-    assert recipe["models"][0]["sha256"]["adapter_model.safetensors"]
+    for entry, folder in zip(recipe["models"], (a, b), strict=True):  # the inputs' hashes, computed here
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert entry["sha256"][f] == hashlib.sha256((folder / f).read_bytes()).hexdigest()
     p = cli("combine", "--recipe", str(out1 / "adaptermerge_recipe.yaml"), "-o", str(out2))
     assert p.returncode == 0, p.stderr
     assert (out1 / "adapter_model.safetensors").read_bytes() == (out2 / "adapter_model.safetensors").read_bytes()
@@ -208,7 +255,7 @@ def test_cli_combine_recipe_replay_and_card(tmp_path: Path, pair) -> None:
 @pytest.mark.parametrize(
     "extra,code,needle",
     [
-        (["--weights", "0.5"], 2, "1 weights for 2 adapters"),
+        (["--weights", "0.5"], 2, "got 1 weight for 2 adapters"),
         (["--weights", "a,b"], 2, "expected numbers"),
         (["--method", "bogus"], 2, "Invalid value for '--method'"),
         (["--method", "cat", "--rank", "2"], 2, "--rank/--energy"),
@@ -244,7 +291,13 @@ def test_embedding_adapter_with_plain_adapter(tmp_path: Path) -> None:
     e = make_adapter(tmp_path / "e", tiny_llama, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], seed=1)
     p = make_adapter(tmp_path / "p", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj"], seed=2)
     out = adaptermerge.combine([e, p], W)
-    assert "model.embed_tokens" in out.modules and any(k.endswith("base_layer.weight") for k in out.extra_tensors)
+    assert "model.embed_tokens" in out.modules
+    # the base-layer copy PEFT saved beside the embedding adapter is carried unchanged: it is the base's embedding
+    copies = {k: t for k, t in out.extra_tensors.items() if k.endswith("base_layer.weight")}
+    assert list(copies) == ["base_model.model.model.embed_tokens.base_layer.weight"]
+    assert torch.equal(
+        copies["base_model.model.model.embed_tokens.base_layer.weight"], tiny_llama(0).model.embed_tokens.weight
+    )
     saved = adaptermerge.save_combined(out, tmp_path / "o")
     exact = exact_deltas(tiny_llama, [e, p], W)
     for name, d in peft_deltas(peft_model(tiny_llama, saved), "a0").items():
@@ -261,10 +314,15 @@ def test_cancelling_sum_is_zero_and_not_written(tmp_path: Path, pair) -> None:
 
 
 def test_weights_with_equals_sign(tmp_path: Path, pair) -> None:
+    """``--weights=0.7 0.3`` gives the first weight to the first adapter: the written adapter, loaded in PEFT, holds
+    0.7 delta_a + 0.3 delta_b (PEFT's deltas), not the reverse."""
     a, b = pair
     p = cli("combine", str(a), str(b), "--weights=0.7", "0.3", "-o", str(tmp_path / "o"), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["weights"] == [0.7, 0.3]
+    exact = exact_deltas(tiny_llama, [a, b], [0.7, 0.3])
+    got = peft_deltas(peft_model(tiny_llama, tmp_path / "o"), "a0")
+    assert set(got) == set(exact) and all(rel_err(got[n], exact[n]) < 1e-5 for n in exact)
 
 
 def tiny_llama_bias(seed: int = 0):
@@ -325,3 +383,144 @@ def test_lora_bias_combined_with_plain_adapter(tmp_path: Path, weights: tuple[fl
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=input_ids()).logits
     assert rel_err(merged, want) < 1e-5
+
+
+def _adapter_with_trained_head(out: Path, seed: int, **lora) -> Path:
+    """A PEFT adapter on a tiny Llama classifier whose ``score`` head (modules_to_save) differs from the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.helpers import tiny_llama_cls
+
+    base = tiny_llama_cls(0)
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(init_lora_weights=False, task_type="SEQ_CLS", **lora))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("weights", [(0.7, -0.3), (0.6, 0.9), (1.0, 0.0)])
+def test_modules_to_save_are_the_normalised_weighted_average(tmp_path: Path, weights: tuple[float, float]) -> None:
+    """Each adapter's trained head, read back from PEFT, enters the combined head as ``sum_i w_i h_i / sum_i w_i``;
+    PEFT loads the combined folder with that head and the weighted sum of the LoRA deltas."""
+    from tests.helpers import tiny_llama_cls
+
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+    a = _adapter_with_trained_head(tmp_path / "a", 1, **lora)
+    b = _adapter_with_trained_head(tmp_path / "b", 2, **lora)
+    pm = peft_model(tiny_llama_cls, a, b)
+    heads = [pm.base_model.model.score.modules_to_save[n].weight.detach().double() for n in ("a0", "a1")]
+    assert not torch.equal(heads[0], heads[1])
+    want = (weights[0] * heads[0] + weights[1] * heads[1]) / sum(weights)
+    out = adaptermerge.save_combined(adaptermerge.combine([a, b], list(weights)), tmp_path / "out")
+    loaded = peft_model(tiny_llama_cls, out)
+    got = loaded.base_model.model.score.modules_to_save["a0"].weight.detach().double()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+    exact = exact_deltas(tiny_llama_cls, [a, b], list(weights))
+    deltas = peft_deltas(loaded, "a0")
+    assert set(deltas) == {n for n, d in exact.items() if float(d.norm()) > 0}
+    assert all(rel_err(deltas[n], exact[n]) < 1e-5 for n in deltas)
+
+
+@pytest.fixture(scope="module")
+def embedding_pair(tmp_path_factory) -> tuple[list, object]:
+    """Two equal-rank adapters on an embedding and a projection (different alphas), loaded by us and by PEFT."""
+    d = tmp_path_factory.mktemp("emb_pair")
+    targets = ["embed_tokens", "q_proj", "down_proj"]
+    a = make_adapter(d / "a", tiny_llama, r=4, lora_alpha=8, target_modules=targets, seed=11)
+    b = make_adapter(d / "b", tiny_llama, r=4, lora_alpha=16, target_modules=targets, seed=12)
+    return [adaptermerge.load_adapter(a), adaptermerge.load_adapter(b)], peft_model(tiny_llama, a, b)
+
+
+_PEFT_CALLS = iter(range(10**9))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.floats(-2, 2).filter(lambda x: abs(x) > 0.05), min_size=2, max_size=2))
+def test_factor_linear_is_peft_linear_for_weights_of_both_signs(embedding_pair, weights: list[float]) -> None:
+    """factor-linear reproduces PEFT's add_weighted_adapter(combination_type='linear') whatever the signs of the
+    weights, on Linear and embedding layers (whose factors PEFT stores the other way round)."""
+    adapters, pm = embedding_pair
+    name = f"m{next(_PEFT_CALLS)}"
+    pm.add_weighted_adapter(["a0", "a1"], weights, name, combination_type="linear")
+    try:
+        ref = peft_deltas(pm, name)
+    finally:
+        pm.delete_adapter(name)
+    got = our_deltas(adaptermerge.combine(adapters, weights, method="factor-linear"))
+    assert set(got) == set(ref) and "model.embed_tokens" in got
+    for n in ref:
+        assert rel_err(got[n], ref[n]) < 1e-5, (n, weights)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.sampled_from(["float32", "bfloat16", "float16"]), min_size=1, max_size=3),
+    st.sampled_from([None, "float32", "bfloat16", "float16"]),
+    st.sampled_from(["linear", "cat", "svd"]),
+)
+def test_output_dtype_rules(tmp_path_factory, in_dtypes: list[str], dtype: str | None, method: str) -> None:
+    """The written factors are stored in ``dtype`` when given, else in the inputs' dtype when they all agree, else in
+    float32 (read from the safetensors file); they hold the float32 result rounded once, whose product is the exact
+    weighted sum (dense, here)."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(len(in_dtypes) * 7 + len(method))
+    adapters = [
+        adaptermerge.Adapter(
+            {
+                "model.layers.0.q": adaptermerge.LowRank(
+                    A=torch.randn(2 + i, 12, generator=g), B=torch.randn(8, 2 + i, generator=g)
+                )
+            },
+            dtype=getattr(torch, dt),
+        )
+        for i, dt in enumerate(in_dtypes)
+    ]
+    weights = [0.5 - 0.3 * i for i in range(len(adapters))]
+    kw = {"rank": 100} if method == "svd" else {}
+    res = adaptermerge.combine(adapters, weights, method=method, dtype=dtype, **kw)
+    want = (
+        getattr(torch, dtype)
+        if dtype
+        else (getattr(torch, in_dtypes[0]) if len(set(in_dtypes)) == 1 else torch.float32)
+    )
+    out = adaptermerge.save_adapter(res, tmp_path_factory.mktemp("dt") / "o")
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    A, B = sd["base_model.model.model.layers.0.q.lora_A.weight"], sd["base_model.model.model.layers.0.q.lora_B.weight"]
+    assert A.dtype == B.dtype == want
+    m = res.modules["model.layers.0.q"]
+    assert torch.equal(A, m.A.to(want)) and torch.equal(B, m.B.to(want))
+    dense = sum(w * a.modules["model.layers.0.q"].delta(torch.float64) for w, a in zip(weights, adapters))
+    assert rel_err(m.delta(torch.float64), dense) < 1e-5
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[want]
+    assert rel_err(B.double() @ A.double(), dense) < tol
+
+
+@pytest.mark.parametrize(
+    "dtypes,option,want",
+    [(("bfloat16", "bfloat16"), None, torch.bfloat16), (("bfloat16", "float32"), None, torch.float32),
+     (("float16", "float16"), "float32", torch.float32), (("float32", "float32"), "bfloat16", torch.bfloat16)],
+)  # fmt: skip
+def test_output_dtype_of_peft_folders(tmp_path: Path, pair, dtypes, option, want) -> None:
+    """Adapter folders stored in 16-bit (as PEFT saves them from a 16-bit model): the inputs' dtype is read from
+    their files; PEFT loads the result as the weighted sum."""
+    from safetensors.torch import load_file, save_file
+
+    paths = []
+    for src, dt in zip(pair, dtypes, strict=True):
+        dst = tmp_path / f"{src.name}-{dt}"
+        shutil.copytree(src, dst)
+        sd = load_file(str(dst / "adapter_model.safetensors"))
+        save_file({k: v.to(getattr(torch, dt)) for k, v in sd.items()}, str(dst / "adapter_model.safetensors"))
+        paths.append(dst)
+    out = adaptermerge.save_combined(adaptermerge.combine(paths, W, dtype=option), tmp_path / "out")
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert {v.dtype for v in sd.values()} == {want}
+    exact = exact_deltas(tiny_llama, paths, W)
+    got = peft_deltas(peft_model(tiny_llama, out), "a0")
+    tol = 1e-5 if want == torch.float32 and "float16" not in dtypes else 3e-2
+    assert set(got) == set(exact) and all(rel_err(got[n], exact[n]) < tol for n in exact)

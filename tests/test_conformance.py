@@ -15,7 +15,7 @@ goes through:
   unmerged QLoRA model's outputs;
 * features we do not model are refused with one line and nothing written, whatever the architecture.
 
-``merge --quantize`` is covered across the same architectures by ``tests/test_quantize_archs.py``; tied
+``merge --quantize`` is covered across the same architectures by ``tests/surgery/test_quantize_archs.py``; tied
 embeddings, TrainableTokens and PiSSA/OLoRA by their own test files (they need particular models). Everything is
 built once per architecture (module-scoped cache) and kept tiny, so the matrix runs in about a minute.
 """

@@ -3,7 +3,7 @@
 Why not ``safetensors.safe_open``: the streaming merge needs each tensor's absolute byte range in the file, to
 copy untouched tensors with ``copy_file_range`` and to plan the output header before any data is written, and
 the safetensors library does not expose offsets. So we parse the header ourselves, and refuse every file the
-safetensors library itself would refuse (checked in ``tests/test_safetensors_header.py``): a header that is not a
+safetensors library itself would refuse (checked in ``tests/io/test_safetensors_header.py``): a header that is not a
 JSON object starting with ``{``, duplicate names, unknown dtypes, a byte range that does not match shape x dtype,
 and offsets that are not contiguous, start at 0 and cover the whole data section (no gaps, no overlaps, no
 trailing bytes). Keeping this free of torch makes the planner testable and fast.

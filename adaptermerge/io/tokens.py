@@ -1,6 +1,6 @@
 """PEFT TrainableTokens (LoRA's ``trainable_token_indices``): trained rows of an embedding, saved beside the factors.
 
-What PEFT 0.21.2 saves and computes (read in its source, checked on tiny models in ``tests/test_trainable_tokens.py``):
+What PEFT 0.21.2 saves and computes (read in its source, checked on tiny models in ``tests/surgery/test_trainable_tokens.py``):
 
 * ``trainable_token_indices=[i, ...]`` (list form) wraps the model's input embedding, found with
   ``model.get_input_embeddings()`` (``peft/utils/other.py``: ``set_additional_trainable_modules``,

@@ -43,6 +43,7 @@ from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.methods._lazy import torch
 from adaptermerge.methods.catalog import validate_declared
 from adaptermerge.methods.registry import BaseMerge, Kind, Method, Param, RankRule, register
+from adaptermerge.methods.task_arithmetic import P_LAMBDA
 
 if TYPE_CHECKING:
     from adaptermerge.lowrank import LowRank
@@ -56,7 +57,6 @@ P_ALPHA = Param(
     low=0.0,
     high=1.0,
 )
-P_SCALE = Param("lambda", float, 1.0, "scale of the merged delta (lambda * (W* - W0))", attr="lambda_")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class RegMeanParams:
     lambda_: float = 1.0
 
     def __post_init__(self) -> None:
-        validate_declared("regmean", self, (P_ALPHA, P_SCALE))
+        validate_declared("regmean", self, (P_ALPHA, P_LAMBDA))
 
 
 @dataclass
@@ -218,7 +218,7 @@ register(
         rank_rule=RankRule.EXACT,
         base_merge=BaseMerge.STACKED,
         fn=regmean,
-        params=(P_ALPHA, P_SCALE),
+        params=(P_ALPHA, P_LAMBDA),
         data=("base", "tasks"),
         params_cls=RegMeanParams,
         relative_weights=True,

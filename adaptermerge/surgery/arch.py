@@ -8,8 +8,10 @@ head, tied or last module, nor ``_keep_in_fp32_modules``). So the answers come f
 * the class is the one ``architectures`` names (or, without it, the default causal-LM / base class of
   ``model_type``), imported alone through transformers' lazy module. That model module takes about 0.1 s;
   transformers' core (``modeling_utils`` and what it pulls in: torch._dynamo, torch.distributed.tensor) takes
-  the rest, 2.5-3 s on an idle 2-core machine and 5-6 s on a busy one (``benchmarks/bench_layouts.py``). A
-  merge pays that anyway when PEFT's target matcher reads the adapter; ``extract`` pays it here;
+  the rest, 2.5-3 s on an idle 2-core machine and 5-6 s on a busy one (``benchmarks/bench_layouts.py``). So
+  the answers a merge needs (layer kinds, output head, tied weights) are kept in the on-disk cache of
+  :mod:`adaptermerge.io.cache`, keyed by the transformers version, ``config.json`` and the stored weight
+  names: later merges onto the same base do not import the class at all;
 * it is built on the meta device (no memory, no weight initialisation);
 * transformers' own quantizer (``Bnb4BitHfQuantizer.preprocess_model``) then says which layers it turns
   into 4-bit ones.
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from adaptermerge.errors import UnsupportedArchitecture
+from adaptermerge.io.cache import cached_json
 from adaptermerge.io.checkpoint import Checkpoint
 
 KINDS = ("linear", "conv1d", "embedding")
@@ -84,7 +87,10 @@ def weight_layouts(ckpt: Checkpoint) -> Layers:
         >>> layers.kind("transformer.h.0.attn.c_attn.weight"), layers.head_key  # doctest: +SKIP
         ('conv1d', 'lm_head.weight')
     """
-    return _layers(_config_key(ckpt), frozenset(ckpt.weight_map))
+    facts = _facts(_config_key(ckpt), frozenset(ckpt.weight_map))
+    if isinstance(facts, str):
+        return Layers(False, facts)
+    return Layers(True, facts.source, dict(facts.kinds), facts.head_key)
 
 
 def bnb_4bit_choice(ckpt: Checkpoint, quant_type: str, dtype: torch.dtype) -> Bnb4bitChoice:
@@ -163,14 +169,37 @@ def _to_checkpoint(model: torch.nn.Module, names: dict[str, Any], present: froze
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in names.items()}
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What the class says of a checkpoint, in checkpoint naming: layer kinds (stored keys), head key, ties."""
+
+    source: str
+    kinds: dict[str, str]
+    head_key: str | None
+    ties: list[list[str]]
+
+
 @functools.lru_cache(maxsize=8)
-def _layers(config_key: str, present: frozenset[str]) -> Layers:
+def _facts(config_key: str, present: frozenset[str]) -> _Facts | str:
+    """The class's facts (kept in the on-disk cache, see ``adaptermerge.io.cache``), or why there is no class.
+
+    A class transformers cannot build is not cached: installing a package it needs changes the answer without
+    changing the key.
+    """
+    from importlib.metadata import version
+
+    key = ["model-facts/1", version("transformers"), config_key, sorted(present)]
+    try:
+        return cached_json(
+            "model-facts", key, lambda: _facts_of(_built_meta_model(config_key), present), _encode, _decode
+        )
+    except _NoModel as e:
+        return str(e)
+
+
+def _facts_of(model: torch.nn.Module, present: frozenset[str]) -> _Facts:
     from transformers.pytorch_utils import Conv1D
 
-    try:
-        model = _meta_model(config_key)
-    except _NoModel as e:
-        return Layers(False, str(e))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found: dict[str, str] = {}
     head_name = None
@@ -185,7 +214,44 @@ def _layers(config_key: str, present: frozenset[str]) -> Layers:
             head_name = name + ".weight"
     mapped = _to_checkpoint(model, found, present)
     head_key = next(iter(_to_checkpoint(model, {head_name: None}, present))) if head_name else None
-    return Layers(True, type(model).__name__, {k: v for k, v in mapped.items() if k in present}, head_key)
+    kinds = {k: v for k, v in mapped.items() if k in present}
+    return _Facts(type(model).__name__, kinds, head_key, _ties_of(model, present))
+
+
+def _ties_of(model: torch.nn.Module, present: frozenset[str]) -> list[list[str]]:
+    if not hasattr(model, "get_expanded_tied_weights_keys"):
+        return []
+    try:
+        mapping: dict[str, str] = model.get_expanded_tied_weights_keys(all_submodels=True)
+    except Exception:  # noqa: BLE001 - a class whose tying transformers itself cannot expand
+        return []
+    names = _to_checkpoint(model, {k: k for k in set(mapping) | set(mapping.values())}, present)
+    to_ckpt = {v: k for k, v in names.items()}
+    groups: dict[str, list[str]] = {}
+    for target, source in mapping.items():
+        groups.setdefault(to_ckpt[source], [to_ckpt[source]]).append(to_ckpt[target])
+    return list(groups.values())
+
+
+def _encode(facts: _Facts) -> dict[str, Any]:
+    return {"source": facts.source, "kinds": facts.kinds, "head_key": facts.head_key, "ties": facts.ties}
+
+
+def _decode(data: Any) -> _Facts | None:
+    """Stored facts, or None when they are not exactly the shape ``_encode`` writes."""
+    try:
+        source, kinds, head, ties = data["source"], data["kinds"], data["head_key"], data["ties"]
+    except (TypeError, KeyError):
+        return None
+    ok = (
+        isinstance(source, str)
+        and isinstance(kinds, dict)
+        and all(isinstance(k, str) and v in KINDS for k, v in kinds.items())
+        and (head is None or isinstance(head, str))
+        and isinstance(ties, list)
+        and all(isinstance(g, list) and all(isinstance(k, str) for k in g) for g in ties)
+    )
+    return _Facts(source, kinds, head, ties) if ok else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,9 +323,13 @@ def _upcast_keys(model: Any, dtype: torch.dtype, present: frozenset[str]) -> lis
 
 
 @functools.lru_cache(maxsize=8)
+def _built_meta_model(config_key: str) -> torch.nn.Module:
+    return _meta_model(config_key)  # raises _NoModel (not cached: lru_cache keeps only results)
+
+
 def _shared_meta_model(config_key: str) -> torch.nn.Module | None:
     try:
-        return _meta_model(config_key)
+        return _built_meta_model(config_key)
     except _NoModel:
         return None
 
@@ -277,16 +347,5 @@ def tie_groups(ckpt: Checkpoint) -> list[list[str]]:
     config: it is empty when ``tie_word_embeddings`` (with the class's default when config.json omits it) is
     false. A group's keys need not all be stored: a tied checkpoint usually stores only the source.
     """
-    model = meta_model(ckpt)
-    if model is None or not hasattr(model, "get_expanded_tied_weights_keys"):
-        return []
-    try:
-        mapping: dict[str, str] = model.get_expanded_tied_weights_keys(all_submodels=True)
-    except Exception:  # noqa: BLE001 - a class whose tying transformers itself cannot expand
-        return []
-    names = _to_checkpoint(model, {k: k for k in set(mapping) | set(mapping.values())}, frozenset(ckpt.weight_map))
-    to_ckpt = {v: k for k, v in names.items()}
-    groups: dict[str, list[str]] = {}
-    for target, source in mapping.items():
-        groups.setdefault(to_ckpt[source], [to_ckpt[source]]).append(to_ckpt[target])
-    return list(groups.values())
+    facts = _facts(_config_key(ckpt), frozenset(ckpt.weight_map))
+    return [] if isinstance(facts, str) else [list(g) for g in facts.ties]

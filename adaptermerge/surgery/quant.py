@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -120,6 +120,10 @@ class FourBit:
     transposed: set[str] = field(default_factory=set)  # --dequantize: groups written back as Conv1D (in x out)
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # group -> computed member tensors
     _rename: str = ""
+    _decoded: torch.Tensor | None = None  # the reused buffer of _dequantized
+    # compute the per-module error figures of (re-)quantization; benchmarks/bench_merge4.py switches them off to
+    # measure what they cost
+    report: ClassVar[bool] = True
 
     @classmethod
     def open(
@@ -271,7 +275,7 @@ class FourBit:
             return self._quantize_new(ex, job)
         group, module = job.group, job.module
         spec = self.specs[group]
-        w = bnb4.dequantize({m: ex.read(m) for m in self.groups[group]}, group, torch.float32).to(ex.dev)
+        w = self._dequantized(ex, group)
         base = w if job.extra_key is None else self._replacement(ex, job, w)
         if module is not None:
             want = self._dense_dtype(spec) if job.action is Action.DEQUANT else torch.float32
@@ -283,12 +287,26 @@ class FourBit:
         if job.action is Action.DEQUANT:
             dense = (target.T if group in self.transposed else target).cpu()
             return {self._rename + group: dense}, res if (module or job.extra_key) else None
-        tensors, rep = bnb4.quantize_with_report(target, spec, group, self.optimize)
-        _requant_figures(res, spec, tensors, group, target, w, rep)
+        tensors, rep = bnb4.quantize_with_report(
+            target, spec, group, self.optimize, measure=self.report, reference=w if self.report else None
+        )
+        res.quant_type = spec.quant_type
+        if rep is not None and self.report:
+            _requant_figures(res, rep)
         # the statistics are numbers; the packed codes are not, even when bnb_4bit_quant_storage makes them floats
         if not all(bool(torch.isfinite(tensors[group + s]).all()) for s in bnb4.STAT_SUFFIXES if group + s in tensors):
             raise NumericalError(f"module {module}: re-quantization produced NaN/Inf")
         return {self._rename + k: v.cpu() for k, v in tensors.items()}, res
+
+    def _dequantized(self, ex: Executor, group: str) -> torch.Tensor:
+        """The group's dense float32 weight, decoded into one buffer reused for every group (grown to the largest
+        weight), so that each module does not fault in fresh pages. Valid until the next call."""
+        tensors = {m: ex.read(m).to(ex.dev) for m in self.groups[group]}
+        size, dev = 2 * -(-self.specs[group].numel // 2), tensors[group].device
+        if self._decoded is None or self._decoded.numel() < size or self._decoded.device != dev:
+            self._decoded = None  # the old buffer is freed before the larger one is allocated
+            self._decoded = torch.empty(size, dtype=torch.float32, device=dev)
+        return bnb4.dequantize(tensors, group, torch.float32, out=self._decoded)
 
     def _replacement(self, ex: Executor, job: Job, w: torch.Tensor) -> torch.Tensor:
         """An adapter tensor that replaces a 4-bit weight (a ``modules_to_save`` head, a saved base layer), in the
@@ -335,16 +353,12 @@ class FourBit:
         return (target.T if nq.conv1d else target), res
 
 
-def _requant_figures(res, spec, tensors, group, target, w, rep) -> None:
-    """How far the stored 4-bit weights are from ``W + delta``, and how much of the delta they carry."""
-    res.quant_type = spec.quant_type
-    deq = bnb4.dequantize(tensors, group, torch.float32).to(target.device)
-    delta = (target - w).double()
-    dn2 = float((delta * delta).sum())
-    res.requant_rel_error = float((deq - target).norm()) / max(float(target.norm()), 1e-30)
+def _requant_figures(res: ModuleResult, rep: bnb4.QuantReport) -> None:
+    """How far the stored 4-bit weights are from ``W + delta``, and how much of the delta they carry (the
+    codec measured both while quantizing: no further pass over the weight)."""
+    res.requant_rel_error = rep.rel_error
     res.plain_requant_rel_error = rep.plain_rel_error
-    # the part of the intended change that the stored weights really carry (projection on delta)
-    res.delta_survival = float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0
+    res.delta_survival = rep.change_kept
 
 
 def _fit_state(t: torch.Tensor, length: int, name: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ class ModuleResult:
     delta_rel_norm: float  # ||delta|| / ||W||
     quant_type: str | None = None
     requant_rel_error: float | None = None  # ||deq(out) - (W + delta)|| / ||W + delta||
-    delta_survival: float | None = None  # fraction of delta that survives: 1 - ||deq(out) - target|| / ||delta||
+    delta_survival: float | None = None  # share of delta the stored weights carry: <deq(out) - W, delta> / ||delta||^2
     plain_requant_rel_error: float | None = None  # same with absmax scales (what PEFT's path gives)
 
 

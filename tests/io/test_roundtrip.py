@@ -44,7 +44,7 @@ def test_save_load_is_exact(adapter: Adapter) -> None:
     assert back.base_model == adapter.base_model
     for name, m in adapter.modules.items():
         b = back.modules[name]
-        assert b.layout == m.layout or (m.layout == "linear" and b.layout == "conv1d")
+        assert b.layout == m.layout
         assert torch.equal(b.A, m.A) and torch.equal(b.B, m.B)
         if m.bias is not None:
             assert torch.equal(b.bias, m.bias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -90,7 +91,9 @@ def test_sharded_fp32_matches_merge_and_unload(tmp_path: Path) -> None:
     assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
     assert (out / "config.json").is_file() and "adaptermerge" in (out / "README.md").read_text()
     recipe = yaml.safe_load((out / "adaptermerge_recipe.yaml").read_text())
-    assert recipe["operation"] == "merge" and recipe["models"][0]["sha256"]
+    assert recipe["operation"] == "merge"
+    for f in ("adapter_config.json", "adapter_model.safetensors"):  # the input's hashes, computed here
+        assert recipe["models"][0]["sha256"][f] == hashlib.sha256((a / f).read_bytes()).hexdigest()
     # untouched tensors are byte-identical
     a_src, a_dst = tensors(base), tensors(out)
     touched = set(rep.to_dict()["modules"][i]["key"] for i in range(len(rep.modules)))
@@ -100,14 +103,17 @@ def test_sharded_fp32_matches_merge_and_unload(tmp_path: Path) -> None:
 
 
 def test_bf16_is_one_rounding_of_w_plus_delta(tmp_path: Path) -> None:
+    """Every tensor of the output: a LoRA layer's weight (PEFT's list and PEFT's delta) is ``W + delta`` computed in
+    fp32 and rounded once to bf16; every other tensor is the base's, unchanged."""
     base = save_base(tiny_llama(dtype=torch.bfloat16), tmp_path / "base")
     a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
-    rep = merge_into_base(base, a, tmp_path / "out")
-    ad = adaptermerge.load_adapter(a)
+    merge_into_base(base, a, tmp_path / "out")
+    deltas = {f"{n}.weight": d for n, d in peft_deltas(peft_model(tiny_llama, a), "a0").items()}
     src, dst = tensors(base), tensors(tmp_path / "out")
-    for m in rep.modules:
-        expect = (src[m.key].float() + ad.modules[m.module].delta()).to(torch.bfloat16)
-        assert dst[m.key].dtype == torch.bfloat16 and torch.equal(dst[m.key], expect)
+    assert len(deltas) == 6 and set(deltas) < set(src) and src.keys() == dst.keys()
+    for k, w in src.items():
+        expect = (w.float() + deltas[k]).to(torch.bfloat16) if k in deltas else w
+        assert dst[k].dtype == torch.bfloat16 and torch.equal(dst[k], expect), k
 
 
 def test_gpt2_conv1d_and_lora_bias(tmp_path: Path) -> None:
@@ -144,6 +150,75 @@ def test_dora_gpt2_matches_peft(tmp_path: Path) -> None:
     assert torch.allclose(
         logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(peft_merged(tiny_gpt2, a)), atol=1e-5
     )
+
+
+def dense_truncation(delta: torch.Tensor, rank: int | None = None, energy: float | None = None) -> torch.Tensor:
+    """The best approximation of ``delta`` (dense SVD) at ``rank``, or at the smallest rank keeping ``energy`` of
+    its squared norm (capped by ``rank``)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = rank if rank is not None else len(s)
+    if energy is not None:
+        share = torch.cumsum(s * s, 0) / (s * s).sum()
+        k = min(k, int((share < energy - 1e-12).sum()) + 1)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+@pytest.mark.parametrize("how", ["rank", "energy", "cli-rank", "cli-energy"])
+def test_several_adapters_svd_rank_and_energy(tmp_path: Path, how: str) -> None:
+    """merge of several adapters with --method svd --rank/--energy writes W + the truncated weighted sum (PEFT's
+    deltas, dense SVD in the test), not W + the exact sum."""
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1)
+    b = make_adapter(tmp_path / "b", tiny_llama, r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], seed=2)
+    weights = [0.7, -0.3]
+    opt = {"rank": 3} if how.endswith("rank") else {"energy": 0.8}
+    if how.startswith("cli"):
+        flag, value = next(iter(opt.items()))
+        p = cli("merge", str(base), str(a), str(b), "--weights", "0.7", "-0.3", "--method", "svd", f"--{flag}",
+                str(value), "-o", str(tmp_path / "out"), "--quiet")  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    else:
+        merge_into_base(base, [a, b], tmp_path / "out", weights=weights, method="svd", **opt)
+    pm = peft_model(tiny_llama, a, b)
+    exact: dict[str, torch.Tensor] = {}
+    for i, w in enumerate(weights):
+        for name, d in peft_deltas(pm, f"a{i}").items():
+            exact[name] = exact.get(name, 0) + w * d.double()
+    src, dst = tensors(base), tensors(tmp_path / "out")
+    for name, d in exact.items():
+        got = dst[f"{name}.weight"].double() - src[f"{name}.weight"].double()
+        want = dense_truncation(d, **opt)
+        assert rel_err(got, want) < 1e-4, name
+        if name.endswith("q_proj"):  # rank 8 before truncation: the truncation changed it
+            assert rel_err(got, d) > 1e-2, name
+
+
+def test_several_adapters_default_weights_are_equal(tmp_path: Path) -> None:
+    """merge of n adapters without weights gives each 1/n (the documented default)."""
+    base = save_base(tiny_llama(), tmp_path / "base")
+    paths = [
+        make_adapter(tmp_path / f"a{i}", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", t], seed=i + 1)
+        for i, t in enumerate(["v_proj", "o_proj", "up_proj"])
+    ]
+    merge_into_base(base, paths, tmp_path / "out")
+    ref = peft_merged(tiny_llama, *paths, weights=[1 / 3] * 3)
+    assert rel_err(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(ref)) < 1e-5
+
+
+def test_report_delta_norms_are_peft_delta_over_weight(tmp_path: Path) -> None:
+    """The report's ``delta_rel_norm`` per module is ``||PEFT delta|| / ||W||`` (streamed and whole-tensor paths)."""
+    base = save_base(tiny_llama(), tmp_path / "base")
+    a = make_adapter(
+        tmp_path / "a", tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"],
+        use_rslora=True, use_dora=False,
+    )  # fmt: skip
+    rep = merge_into_base(base, a, tmp_path / "out")
+    src = tensors(base)
+    deltas = peft_deltas(peft_model(tiny_llama, a), "a0")
+    assert {m.module for m in rep.modules} == set(deltas)
+    for m in rep.modules:
+        want = float(deltas[m.module].norm() / src[m.key].norm())
+        assert abs(m.delta_rel_norm - want) <= 1e-5 * want, m.module
 
 
 def test_several_adapters_weighted(tmp_path: Path) -> None:
@@ -346,7 +421,8 @@ def test_cli_refusals_write_nothing(tmp_path: Path) -> None:
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
     p = cli("merge", str(base), str(a), "-o", str(tmp_path / "ok"), "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["modules"]
+    merged = {m["module"] for m in json.loads(p.stdout)["modules"]}
+    assert merged == set(peft_deltas(peft_model(tiny_llama, a), "a0"))  # every layer PEFT wraps, nothing else
 
 
 def test_wrong_shape_named(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,15 @@ VARIANTS = {
         dict(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
             rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6}, alpha_pattern={"layers.2.self_attn.q_proj": 32, "gate_proj": 3},
+        ),
+    ),
+    # several keys match one module: PEFT takes the first in dict order (and saves the config with sorted keys, so
+    # the keys are given here in sorted order: otherwise PEFT cannot load the adapter it made)
+    "overlapping-patterns": (
+        tiny_llama,
+        dict(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+            rank_pattern={"layers.1.self_attn.v_proj": 6, "v_proj": 2}, alpha_pattern={"layers.0.self_attn.q_proj": 32, "q_proj": 3},
         ),
     ),
     "layers": (tiny_llama, dict(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"], layers_to_transform=[0, 2])),
@@ -75,14 +85,17 @@ def test_round_trip_matches_peft(tmp_path: Path, variant: str) -> None:
 def test_pattern_matching_like_peft() -> None:
     from peft.utils.other import get_pattern_key as peft_key
 
-    keys = ["v_proj", "layers.1.mlp.up_proj", r"layers\.[02]\..*q_proj", "proj"]
+    keys = ["v_proj", "layers.1.mlp.up_proj", r"layers\.[02]\..*q_proj", "proj", "q_proj", "self_attn.q_proj"]
     names = [
         "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj", "model.layers.11.mlp.up_proj",
-        "model.layers.2.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "lm_head",
+        "model.layers.2.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "lm_head", "model.layers.1.self_attn.q_proj",
     ]  # fmt: skip
+    matched = []
     for n in names:
         ours = get_pattern_key(keys, n)
         assert (ours if ours is not None else n) == peft_key(keys, n)
+        matched.append(sum(bool(re.match(rf"(.*\.)?({k})$", n)) for k in keys))
+    assert max(matched) == 3  # some names match several keys, so the order is tested
 
 
 def test_scaling_folded(tmp_path: Path) -> None:

@@ -27,9 +27,38 @@ def test_inspect_adapter_text_and_json(llama_adapter: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "model.layers.0.self_attn.q_proj" in r.output and "r=4" in r.output
     r = CliRunner().invoke(cli, ["inspect", str(llama_adapter), "--json"])
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["kind"] == "adapter" and d["num_modules"] == 9 and d["ranks"] == {"4": 9}
-    assert all(m["scaling"] == 2.0 and m["delta_norm"] > 0 for m in d["modules"])
+    assert all(m["scaling"] == 2.0 for m in d["modules"])
+
+
+def test_inspect_figures_are_peft_s(tmp_path: Path) -> None:
+    """Per module, ``inspect --json`` gives PEFT's rank, alpha and scaling (rsLoRA, rank/alpha patterns), the base
+    weight's shape, and ``||delta||_F`` of PEFT's ``get_delta_weight``; GPT-2 Conv1D shapes are ``in x out``."""
+    from tests.helpers import make_adapter, peft_deltas, peft_model, tiny_gpt2
+
+    cases = [
+        (tiny_llama, dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                          rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+        (tiny_gpt2, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    ]  # fmt: skip
+    for i, (model_fn, lora) in enumerate(cases):
+        a = make_adapter(tmp_path / f"a{i}", model_fn, seed=3, **lora)
+        r = CliRunner().invoke(cli, ["inspect", str(a), "--json"])
+        assert r.exit_code == 0, r.output
+        got = {m["name"]: m for m in json.loads(r.stdout)["modules"]}
+        pm = peft_model(model_fn, a)
+        deltas = peft_deltas(pm, "a0")
+        assert set(got) == set(deltas)
+        layers = dict(pm.base_model.model.named_modules())
+        for name, d in deltas.items():
+            layer, m = layers[name], got[name]
+            factor = layer.lora_A["a0"].weight if "a0" in layer.lora_A else layer.lora_embedding_A["a0"]
+            assert m["rank"] == factor.shape[0] and m["alpha"] == layer.lora_alpha["a0"], name
+            assert abs(m["scaling"] - layer.scaling["a0"]) < 1e-12, name
+            assert m["shape"] == list(layer.base_layer.weight.shape) == list(d.shape), name
+            assert abs(m["delta_norm"] - float(d.double().norm())) <= 1e-5 * float(d.norm()), name
+        assert len({m["scaling"] for m in got.values()}) == (3 if i == 0 else 1)
 
 
 def test_inspect_checkpoint(tmp_path: Path) -> None:
@@ -37,7 +66,7 @@ def test_inspect_checkpoint(tmp_path: Path) -> None:
     m.save_pretrained(tmp_path / "base", max_shard_size="100KB")
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "base"), "--json"])
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["kind"] == "checkpoint" and d["num_shards"] > 1
     index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
     assert d["num_tensors"] == len(index["weight_map"]) and d["elements_by_dtype"]["F32"] == d["num_elements"]
@@ -92,7 +121,7 @@ def test_weights_normalization() -> None:
 
 def test_threads_option(llama_adapter: Path) -> None:
     r = CliRunner().invoke(cli, ["--threads", "1", "inspect", str(llama_adapter), "--json"])
-    assert r.exit_code == 0 and json.loads(r.output)["kind"] == "adapter"
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "adapter"
 
 
 def test_global_options_after_the_subcommand() -> None:
@@ -136,3 +165,14 @@ def test_help_and_version_do_not_import_torch() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().splitlines()[-1] == "False", p.stdout + p.stderr
+
+
+def test_every_option_of_every_command_is_described() -> None:
+    import click
+
+    for name, cmd in cli.commands.items():
+        ctx = click.Context(cmd)
+        for p in cmd.get_params(ctx):
+            if isinstance(p, click.Option) and "--help" not in p.opts:
+                assert p.help, f"adaptermerge {name} {p.opts[0]} has no description"
+        assert cmd.short_help and not cmd.short_help.endswith("..."), name

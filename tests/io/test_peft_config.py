@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig
 
 import adaptermerge
 from adaptermerge.errors import UnsupportedAdapter
-from adaptermerge.io.peft_config import RULES, Kind, check_config, targets_module
+from adaptermerge.io.peft_config import RULES, Kind, _peft_matcher, _plain_names, check_config, targets_module
 from tests.helpers import make_adapter, tiny_llama
 
 
@@ -83,6 +85,22 @@ def test_target_matching_is_peft_own() -> None:
     assert not targets_module({"target_modules": r".*up_proj", "modules_to_save": ["up_proj"]}, "m.up_proj")
 
 
+_SEGMENTS = st.sampled_from(["model", "layers", "0", "1", "12", "q_proj", "proj", "self_attn", "mlp", "up_proj", "j"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    targets=st.lists(_SEGMENTS | st.sampled_from(["self_attn.q_proj", "layers.1.mlp", "_proj"]), max_size=4),
+    name=st.lists(_SEGMENTS, min_size=1, max_size=6).map(".".join),
+    layers=st.sampled_from([None, []]),
+)
+def test_the_plain_names_shortcut_agrees_with_peft(targets: list[str], name: str, layers: list | None) -> None:
+    """The suffix rule answered without importing PEFT is PEFT's answer for a plain list of names."""
+    cfg = {"target_modules": targets, "layers_to_transform": layers, "exclude_modules": [], "modules_to_save": None}
+    assert _plain_names(cfg)
+    assert targets_module(cfg, name) == _peft_matcher(cfg, name)
+
+
 def test_factors_of_an_untargeted_module_are_refused(tmp_path: Path, llama_adapter: Path) -> None:
     """PEFT ignores tensors of modules its config does not target; merging them would not be what PEFT runs."""
     folder = tmp_path / "x"
@@ -111,6 +129,6 @@ def test_real_peft_adapters_with_unmodeled_fields_are_refused(tmp_path: Path, lo
 def test_docs_list_every_field() -> None:
     from adaptermerge.io.peft_config import fields_table
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "formats.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
     start, end = text.index("<!-- fields-table:start -->\n"), text.index("\n<!-- fields-table:end -->")
     assert text[start + len("<!-- fields-table:start -->\n") : end] == fields_table()
