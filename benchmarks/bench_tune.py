@@ -6,8 +6,9 @@ The demo's base and its three task adapters (reverse, upper-case, Caesar shift; 
 1. a few fresh examples per task (``--examples``, seed 3: neither the adapters' training rows, seed 1, nor the
    evaluation rows, seed 2) are written: the only task data RegMean and ``tune`` see;
 2. every registry method is combined at its defaults (equal weights summing to 1), RegMean with those examples;
-3. ``tune`` runs in three settings (adapter weights with the loss, layer-group weights with the loss, adapter
-   weights with per-character accuracy), each timed on the wall clock with ``--threads`` torch threads;
+3. ``tune`` runs in three settings by default (adapter weights with the loss, layer-group weights with the loss,
+   adapter weights with per-character accuracy; ``--settings`` also offers layer-group weights with per-character
+   accuracy), each timed on the wall clock with ``--threads`` torch threads;
 4. everything is scored by :func:`adaptermerge.evaluate` on the demo's 64 evaluation rows per task (never seen by
    any merge), with retention against each task's own adapter: per-character accuracy ``score / own score``;
    loss ``(base - merge) / (base - own)``, the share of the adapter's improvement kept.
@@ -43,7 +44,9 @@ SETTINGS = {  # label -> tune() settings
     "tuned adapter/loss": {"granularity": "adapter", "metric": "loss"},
     "tuned layer-group/loss": {"granularity": "layer-group", "metric": "loss"},
     "tuned adapter/char": {"granularity": "adapter", "metric": "char"},
+    "tuned layer-group/char": {"granularity": "layer-group", "metric": "char"},
 }
+DEFAULT_SETTINGS = "tuned adapter/loss,tuned layer-group/loss,tuned adapter/char"
 
 
 def log(msg: str) -> None:
@@ -90,7 +93,8 @@ def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namesp
     from adaptermerge.tuning import tune
 
     runs = {}
-    for label, kw in SETTINGS.items():
+    for label in args.settings.split(","):
+        kw = SETTINGS[label]
         t = time.perf_counter()
         res = tune(
             demo / "base", [demo / "adapters" / t for t in TASKS], few, methods=args.methods.split(","),
@@ -104,9 +108,7 @@ def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namesp
 
 def summarize(report: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = {}
-    for model in report.models:
-        if model == "base":
-            continue
+    for model in report.models:  # the base too: its char "retention" is the floor the merges start from
         char = report.retention["char"][model]
         loss = report.retention["loss"][model]
         rows[model] = {
@@ -150,10 +152,15 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=150, help="tune's evaluations per setting")
     ap.add_argument("--methods", default="linear,ties,regmean", help="tune's methods")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--settings", default=DEFAULT_SETTINGS, help=f"tune settings, comma-separated, of: {', '.join(SETTINGS)}"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
+    if unknown := set(args.settings.split(",")) - set(SETTINGS):
+        ap.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
 
     import torch
 
