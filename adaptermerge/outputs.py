@@ -85,11 +85,14 @@ def front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def inputs_table(inputs: Sequence[tuple[str | None, float | None]], heading: str = "input") -> list[str]:
-    """Markdown rows naming each input and its weight (``-`` when the input has none)."""
+def inputs_table(inputs: Sequence[tuple[str | None, Any]], heading: str = "input") -> list[str]:
+    """Markdown rows naming each input and its weight (``-`` when the input has none; a weight per layer group is
+    listed group by group)."""
+    from adaptermerge.layers import describe_weight
+
     rows = [f"| {heading} | weight |", "|---|---|"]
     for name, w in inputs:
-        rows.append(f"| `{name or '(in memory)'}` | {'-' if w is None else f'{w:g}'} |")
+        rows.append(f"| `{name or '(in memory)'}` | {'-' if w is None else describe_weight(w)} |")
     return rows
 
 
