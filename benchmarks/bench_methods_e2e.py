@@ -32,7 +32,7 @@ factored method) under 15 s; ``task_arithmetic`` equal in all spaces (relative d
 
 Usage::
 
-    python benchmarks/bench_methods_e2e.py --threads 1 --json methods_e2e.json   # full run (about an hour)
+    python benchmarks/bench_methods_e2e.py --json methods_e2e.json   # full run (about 52 min on 2 quiet cores)
     python benchmarks/bench_methods_e2e.py --quick          # 2 layers, 1024/2752 wide, 1 thread: a smoke test
     python benchmarks/bench_methods_e2e.py --methods ties,task_arithmetic --spaces delta,core
     python benchmarks/bench_methods_e2e.py --no-peft --spaces core,knots
