@@ -53,6 +53,8 @@ _LAZY = {
     "TrainConfig": "adaptermerge.train",
     "TrainResult": "adaptermerge.train",
     "train_adapter": "adaptermerge.train",
+    "TuneResult": "adaptermerge.tuning",
+    "tune": "adaptermerge.tuning",
 }
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     from adaptermerge.surgery.merge import MergeReport, merge_into_base
     from adaptermerge.surgery.resize import resize_adapter
     from adaptermerge.train import TrainConfig, TrainResult, train_adapter
+    from adaptermerge.tuning import TuneResult, tune
     from adaptermerge.validation import Check, ValidationReport, validate
 
 
@@ -106,6 +109,7 @@ __all__ = [
     "PushResult",
     "TrainConfig",
     "TrainResult",
+    "TuneResult",
     "UnsafeFormat",
     "UnsupportedAdapter",
     "UnsupportedArchitecture",
@@ -128,4 +132,5 @@ __all__ = [
     "save_extracted",
     "validate",
     "train_adapter",
+    "tune",
 ]

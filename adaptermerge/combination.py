@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,10 @@ from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.io.adapter import natural_key
 from adaptermerge.io.atomic import check_output_path
 from adaptermerge.io.checkpoint import Checkpoint, open_checkpoint
+from adaptermerge.layers import Weight, check_weight, module_weight
 from adaptermerge.lowrank import LowRank, energy_rank, factored_svd, kept_energy, numerical_rank
 from adaptermerge.methods.registry import BaseMerge, Kind, Method, RankRule, get_method
+from adaptermerge.recipe import task_entries
 from adaptermerge.tokens import combine_token_rows
 
 BATCH = 32  # modules per batched QR/SVD
@@ -40,16 +42,28 @@ class ModuleReport:
     rel_error_vs_exact: float | None = None
 
 
-def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    """Default to equal weights summing to 1; refuse a count mismatch or non-finite values."""
+def normalize_weights(weights: Sequence[Weight] | None, n: int) -> list[Weight]:
+    """Default to equal weights summing to 1; refuse a count mismatch or non-finite values.
+
+    A weight is a number or a mapping of layer groups to numbers (:mod:`adaptermerge.layers`): each module then
+    takes the value of the group that covers it.
+    """
     if weights is None:
         return [1.0 / n] * n
-    w = [float(x) for x in weights]
+    w = [check_weight(x) for x in weights]
     if len(w) != n:
         raise UsageError(f"got {_count(len(w), 'weight')} for {_count(n, 'adapter')}; give one weight per adapter")
-    if not all(torch.isfinite(torch.tensor(w)).tolist()):
+    flat = [v for x in w for v in (x.values() if isinstance(x, Mapping) else [x])]
+    if not all(torch.isfinite(torch.tensor(flat, dtype=torch.float64)).tolist()):
         raise UsageError(f"weights must be finite numbers, got {w}")
     return w
+
+
+def _per_adapter(w: list[Weight], what: str) -> list[float]:
+    """The weights as one number per adapter, for what takes no weight per layer group."""
+    if any(isinstance(x, Mapping) for x in w):
+        raise UsageError(f"{what} take one weight per adapter; weights per layer group apply to the LoRA modules only")
+    return [float(x) for x in w]
 
 
 def _count(n: int, noun: str) -> str:
@@ -99,13 +113,14 @@ def _module_root(name: str) -> str:
 
 
 def _combine_extras(
-    adapters: Sequence[Adapter], names: Sequence[str], weights: list[float]
+    adapters: Sequence[Adapter], names: Sequence[str], w: list[Weight]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``modules_to_save`` tensors: the weight-normalised average where every adapter has them."""
     keys = [set(a.extra_tensors) for a in adapters]
     union = set().union(*keys)
     if not union:
         return {}, []
+    weights = _per_adapter(w, "modules_to_save tensors")
     # copies of base weights that PEFT saves beside embedding adapters (save_embedding_layers): keep one
     base_copies = {k for k in union if k.endswith(".base_layer.weight")}
     out: dict[str, torch.Tensor] = {}
@@ -144,6 +159,8 @@ class _Terms:
     terms: list[tuple[float, LowRank]]
     layout: str
     bias: torch.Tensor | None
+    sources: list[int]  # the index of each term's adapter
+    weights: list[float]  # every adapter's weight for this module (data methods weigh all tasks)
 
     @property
     def ranks(self) -> list[int]:
@@ -166,6 +183,7 @@ class _Call:
     compute_dtype: torch.dtype
     keep_factors: bool
     progress: bool
+    statistics: Any = None  # TaskStatistics, for methods that declare data
 
     def context(self) -> dict[str, Any]:
         """What a method function receives: its own parameters plus the device and compute dtype."""
@@ -185,6 +203,8 @@ def combine(
     progress: bool = False,
     base: str | os.PathLike | Checkpoint | None = None,
     *,
+    tasks: Any = None,
+    statistics: Any = None,
     keep_factors: bool = False,
     dense: bool = False,
     **method_params: Any,
@@ -193,7 +213,8 @@ def combine(
 
     Args:
         adapters: loaded :class:`Adapter` objects or adapter folders.
-        weights: one weight per adapter (default: equal, summing to 1).
+        weights: one weight per adapter (default: equal, summing to 1); a weight may be a mapping of layer groups to
+            numbers (``{"embeddings": 0.2, "layers 0-10": 0.5, ...}``, see :mod:`adaptermerge.layers`).
         method: a registered method (``adaptermerge.methods.registry.method_names()``): ``linear`` (exact weighted
             sum), ``cat``, ``svd``, ``factor-linear`` (PEFT's linear), ...; docs/methods.md lists them all.
         rank: output rank, as the method's rank rule says (``svd``: default the largest input rank; ``linear``:
@@ -210,6 +231,13 @@ def combine(
             they are converted to plain LoRA against it first (:func:`adaptermerge.convert_to_plain_lora`), and
             (2) for trained token rows (PEFT ``trainable_token_indices``) whose weights do not sum to 1: their
             combined row ``base + sum_i w_i (row_i - base)`` contains the base row. Without it such inputs are refused.
+            (3) for data-aware methods (``regmean``): the task inputs are collected on it.
+        tasks: data-aware methods only: one task per adapter, in the adapters' order, as ``{name: file.jsonl}``, a
+            list of ``(name, file)`` pairs, or :class:`~adaptermerge.data.TaskData` in place of files. Every file is
+            read and checked before any model is loaded; each task's inputs are collected on its adapter's model
+            (:mod:`adaptermerge.statistics`).
+        statistics: data-aware methods: already collected :class:`~adaptermerge.statistics.TaskStatistics`, in place
+            of ``tasks`` (what ``tune`` passes for every candidate).
         keep_factors: return the method's factors without re-ranking them (what a merge into a base adds for a
             method whose declaration says ``BaseMerge.STACKED``: the exact sum, never decomposed).
         dense: for a method declared ``BaseMerge.DENSE`` in the delta space, return :class:`DenseModule` entries
@@ -234,6 +262,7 @@ def combine(
     if not adapters:
         raise UsageError("give at least one adapter to combine")
     call = _validate_call(method, rank, energy, device, compute_dtype, keep_factors, progress, method_params)
+    task_data = _task_data(call.spec, base, tasks, statistics, len(adapters))  # bad files fail before any model
     from adaptermerge.surgery.init_conversion import plain_adapters
 
     loaded = plain_adapters(adapters, base=base, device=device)
@@ -244,6 +273,9 @@ def combine(
     token_rows = _combine_tokens(loaded, w, base, out_dtype)  # cheap, and refusals come before the algebra
 
     inputs = _module_terms(loaded, w, call)
+    if call.spec.data:
+        call.statistics = statistics or _collect(base, loaded, task_data, list(inputs), call)
+        _check_statistics(call.statistics, inputs, len(loaded))
     if dense and call.spec.base_merge is BaseMerge.DENSE and call.params.get("space") == "delta":
         modules, reports, warnings = _dense_modules(inputs, call)
     else:
@@ -273,7 +305,12 @@ def combine(
             "energy": energy,
             "params": call.params,
             "allow_different_base": allow_different_base,
-            **({"base": _base_path(base)} if base is not None and (token_rows or _converted(loaded)) else {}),
+            **(
+                {"base": _base_path(base)}
+                if base is not None and (token_rows or _converted(loaded) or task_data)
+                else {}
+            ),
+            **({"tasks": task_entries(task_data)} if task_data else {}),
             "inputs": [str(a.source) if a.source else None for a in loaded],
             "compute_dtype": dtype_name(call.compute_dtype),
             "dtype": dtype_name(out_dtype),
@@ -310,15 +347,65 @@ def _common_dtype(loaded: Sequence[Adapter]) -> torch.dtype:
     return dts.pop() if len(dts) == 1 else torch.float32
 
 
-def _module_terms(loaded: Sequence[Adapter], w: list[float], call: _Call) -> dict[str, _Terms]:
+def _module_terms(loaded: Sequence[Adapter], w: list[Weight], call: _Call) -> dict[str, _Terms]:
     """Module -> the weighted terms of the adapters that touch it (an adapter that does not is not counted)."""
     out: dict[str, _Terms] = {}
     for mod in sorted({m for a in loaded for m in a.modules}, key=natural_key):
-        terms = [(wi, a.modules[mod]) for wi, a in zip(w, loaded, strict=True) if mod in a.modules]
+        ws = [module_weight(wi, mod) for wi in w]
+        sources = [i for i, a in enumerate(loaded) if mod in a.modules]
+        terms = [(ws[i], loaded[i].modules[mod]) for i in sources]
         bs = [(wi, m.bias) for wi, m in terms if m.bias is not None]
         bias = sum(wi * b.to(call.device, call.compute_dtype) for wi, b in bs) if bs else None
-        out[mod] = _Terms(terms, terms[0][1].layout, bias)
+        out[mod] = _Terms(terms, terms[0][1].layout, bias, sources, ws)
     return out
+
+
+def _task_data(spec: Method, base: Any, tasks: Any, statistics: Any, n: int) -> list[tuple[str, Any]]:
+    """The task data a data-aware method reads, checked (files read, line-numbered errors) before any model is
+    loaded; refuses task data for data-free methods and missing data for data-aware ones."""
+    if not spec.data:
+        if tasks or statistics is not None:
+            raise UsageError(f"method {spec.name} uses no task data; `tasks` is for data-aware methods (regmean)")
+        return []
+    if statistics is not None:
+        return []
+    if base is None or not tasks:
+        raise UsageError(
+            f"method {spec.name} needs the base (`base`) and one task file per adapter (`tasks` NAME=FILE.jsonl, in "
+            "the adapters' order): it collects each task's inputs on the model"
+        )
+    from adaptermerge.data import TaskData, read_task_file
+
+    pairs = list(tasks.items()) if isinstance(tasks, Mapping) else [tuple(t) for t in tasks]
+    if len(pairs) != n:
+        raise UsageError(f"method {spec.name} needs one `tasks` entry per adapter, in order: got {len(pairs)} for {n}")
+    return [(str(name), d if isinstance(d, TaskData) else read_task_file(d)) for name, d in pairs]
+
+
+def _collect(
+    base: Any, loaded: Sequence[Adapter], tasks: list[tuple[str, Any]], modules: list[str], call: _Call
+) -> Any:
+    from adaptermerge.statistics import task_statistics
+
+    folder = base.path if isinstance(base, Checkpoint) else base
+    rows = [(name, d.rows) for name, d in tasks]
+    return task_statistics(folder, loaded, rows, modules, device=str(call.device), progress=call.progress)
+
+
+def _check_statistics(stats: Any, inputs: dict[str, _Terms], n: int) -> None:
+    missing = [m for m in inputs if m not in stats.modules]
+    if missing or len(stats.tasks) != n:
+        raise UsageError(
+            f"the statistics hold {len(stats.tasks)} tasks and lack module {missing[0] if missing else '-'}; "
+            "collect them for these adapters (one task per adapter)"
+        )
+
+
+def _data_terms(t: _Terms, mod: str, call: _Call) -> list[tuple[float, LowRank | None, Any]]:
+    """A data method's terms: one ``(w, LowRank or None, the task's inputs to the module)`` per task."""
+    by_source = dict(zip(t.sources, (m for _, m in _on_device(t.terms, call)), strict=True))
+    inputs = call.statistics.modules[mod]
+    return [(w, by_source.get(i), inputs[i]) for i, w in enumerate(t.weights)]
 
 
 Results = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -328,13 +415,15 @@ def _run_factored(inputs: dict[str, _Terms], call: _Call) -> tuple[Results, dict
     """Factored methods: the method's stacked factors per module, then its rank rule."""
     spec = call.spec
     if spec.params_cls is None:  # the function takes the context (device, compute dtype) and moves the factors
-        params, prepared = call.context(), (lambda t: t.terms)
+        params, prepared = call.context(), (lambda m, t: t.terms)
+    elif spec.data:
+        params, prepared = spec.make_params(call.params), (lambda m, t: _data_terms(t, m, call))
     else:
-        params, prepared = spec.make_params(call.params), (lambda t: _on_device(t.terms, call))
+        params, prepared = spec.make_params(call.params), (lambda m, t: _on_device(t.terms, call))
     if call.keep_factors or spec.rank_rule is RankRule.KEEP:
-        results = {m: spec.fn(prepared(t), params) for m, t in inputs.items()}
+        results = {m: spec.fn(prepared(m, t), params) for m, t in inputs.items()}
         return results, {m: ModuleReport(m, t.ranks, int(results[m][1].shape[0]), 1.0) for m, t in inputs.items()}
-    return _rerank_batched(inputs, call, lambda mod: spec.fn(prepared(inputs[mod]), params))
+    return _rerank_batched(inputs, call, lambda mod: spec.fn(prepared(mod, inputs[mod]), params))
 
 
 def _on_device(terms: list[tuple[float, LowRank]], call: _Call) -> list[tuple[float, LowRank]]:
@@ -531,11 +620,12 @@ def _bias_notes(modules: dict[str, LowRank], module_names: list[str]) -> list[st
 
 
 def _combine_tokens(
-    loaded: Sequence[Adapter], w: list[float], base: str | os.PathLike | Checkpoint | None, dtype: torch.dtype
+    loaded: Sequence[Adapter], weights: list[Weight], base: str | os.PathLike | Checkpoint | None, dtype: torch.dtype
 ) -> dict:
     """The weighted sum of the inputs' trained token rows (exact for every method; see :mod:`adaptermerge.tokens`)."""
     if not any(a.token_rows for a in loaded):
         return {}
+    w = _per_adapter(weights, "trained token rows")
     from adaptermerge.io.tokens import check_token_modules
 
     every = {n: tr for a in loaded for n, tr in a.token_rows.items()}

@@ -48,6 +48,16 @@ class TaskData:
     path: Path
     rows: list[Row]
     bad: list[tuple[int, str]] = field(default_factory=list)
+    selected: bool = False  # the rows are a chosen part of the file's rows (``lines`` says which)
+
+    @property
+    def lines(self) -> list[int]:
+        """The file's line numbers of the rows (how a recipe names a selection)."""
+        return [r.line for r in self.rows]
+
+    def select(self, rows: list[Row]) -> TaskData:
+        """The same file with only ``rows`` (e.g. the part of a task file a search tunes on)."""
+        return TaskData(self.path, list(rows), self.bad, selected=True)
 
     @cached_property
     def sha256(self) -> str:
@@ -80,7 +90,8 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
     Args:
         path: the file.
         skip_bad: skip bad rows (they are listed in ``TaskData.bad``) instead of refusing the file.
-        max_rows: keep only the first ``max_rows`` good rows.
+        max_rows: keep only the first ``max_rows`` good rows (the result then counts as a selection of the file's
+            rows: a recipe records their line numbers).
 
     Raises:
         InvalidData: the file is missing, empty, has no usable row, or (without ``skip_bad``) has a bad row;
@@ -106,7 +117,48 @@ def read_task_file(path: str | os.PathLike, skip_bad: bool = False, max_rows: in
     if not rows:
         what = f"no usable row ({_describe_bad(bad)})" if bad else "no rows"
         raise InvalidData(f"{p} has {what}; expected JSON lines with prompt/completion, text or messages")
-    return TaskData(p, rows, bad)
+    return TaskData(p, rows, bad, selected=max_rows is not None and len(rows) >= max_rows)
+
+
+def format_lines(lines: list[int]) -> str:
+    """Line numbers as compact ranges: ``[1, 2, 3, 7, 9, 10] -> "1-3,7,9-10"`` (order kept)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i
+        while j + 1 < len(lines) and lines[j + 1] == lines[j] + 1:
+            j += 1
+        parts.append(str(lines[i]) if i == j else f"{lines[i]}-{lines[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_lines(text: str | list[int]) -> list[int]:
+    """The inverse of :func:`format_lines` (a list of numbers is taken as it is)."""
+    if isinstance(text, list):
+        return [int(n) for n in text]
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"line numbers must look like 1-3,7,9-10, got {text!r}") from None
+    return out
+
+
+def read_task_lines(path: str | os.PathLike, lines: list[int]) -> TaskData:
+    """The rows of a task file on the given line numbers (a selection a recipe recorded), in that order.
+
+    Raises:
+        InvalidData: the file is unreadable or bad (as :func:`read_task_file`), or a line holds no row.
+    """
+    data = read_task_file(path)
+    by_line = {r.line: r for r in data.rows}
+    missing = [n for n in lines if n not in by_line]
+    if missing:
+        raise InvalidData(f"{data.path}: no row on line {missing[0]}; the file changed since the selection was made")
+    return data.select([by_line[n] for n in lines])
 
 
 def _describe_bad(bad: list[tuple[int, str]]) -> str:

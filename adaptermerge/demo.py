@@ -6,9 +6,9 @@
    training) to copy words and, a little, the three task formats, so that LoRA adaptation is meaningful;
 2. trains one LoRA adapter per synthetic task (reverse, upper-case, Caesar shift) with :func:`train_adapter`;
    each adapter's data also replays the base's copy task, as practitioners do to limit forgetting;
-3. combines the adapters with every data-free method in the registry (new methods appear by themselves;
-   a method that refuses these inputs is listed with its reason), merges the exact sum into the base
-   checkpoint and into a 4-bit (NF4) base;
+3. combines the adapters with every method in the registry (RegMean's task inputs come from the training rows;
+   new methods appear by themselves; a method that refuses these inputs is listed with its reason), merges the
+   exact sum into the base checkpoint and into a 4-bit (NF4) base;
 4. evaluates the base, every adapter and every merge on every task (completion loss and per-character
    accuracy of greedy decoding), with retention against each task's own adapter;
 5. prints the table, writes it as JSON and as a PNG chart, and lists the output folders.
@@ -40,6 +40,7 @@ TASKS = ("reverse", "upper", "shift")
 # Per-method demo parameters; methods not listed run with their defaults. svd is shown at a rank below the
 # adapters' (8), so that its loss against the exact sum is visible.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {"svd": {"rank": 4}}
+STAT_ROWS = 256  # training rows per task whose inputs data-aware methods (RegMean) collect
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _run(root: Path, s: DemoSettings, echo: Callable[[str], None], progress: boo
     clock = _Clock(echo)
     base = _teach_base(root, s, clock)
     adapters = _train_adapters(root, base, s, clock, progress)
-    merges, skipped = _combine_all(root, adapters, clock)
+    merges, skipped = _combine_all(root, base, adapters, clock)
     checkpoints = _merge_into_bases(root, base, merges["linear"], clock)
     report = _evaluate(root, base, adapters, merges, checkpoints, s, clock)
     return _present(root, report, skipped, clock, echo)
@@ -192,41 +193,51 @@ def _teach_base(root: Path, s: DemoSettings, clock: _Clock) -> Path:
     return base
 
 
-def _train_adapters(root: Path, base: Path, s: DemoSettings, clock: _Clock, progress: bool) -> dict[str, Path]:
-    """One LoRA adapter per task with ``train_adapter``; each task's data replays some copy rows."""
+def train_task_adapters(root: Path, base: Path, s: DemoSettings = FAST, progress: bool = False) -> dict[str, Any]:
+    """One LoRA adapter per task with ``train_adapter`` (``root/adapters/TASK``); each task's data replays some copy
+    rows. Writes ``root/data/TASK-train.jsonl`` and ``TASK-eval.jsonl``; returns ``{task: TrainResult}``."""
     from adaptermerge.synthetic import write_jsonl
     from adaptermerge.train import train_adapter
 
-    out: dict[str, Path] = {}
-    losses = []
+    out: dict[str, Any] = {}
     for t in TASKS:
         rows = _task_rows(t, s.adapter_rows, seed=1) + _task_rows("copy", s.adapter_rows // 2, seed=7)
         random.Random(1).shuffle(rows)
         data = write_jsonl(root / "data" / f"{t}-train.jsonl", rows)
         write_jsonl(root / "data" / f"{t}-eval.jsonl", _task_rows(t, s.eval_rows, seed=2))
-        res = train_adapter(
+        out[t] = train_adapter(
             base, data, root / "adapters" / t, rank=s.rank, alpha=s.alpha, steps=s.adapter_steps, lr=s.adapter_lr,
             batch_size=s.batch_size, grad_accum=1, max_length=s.max_length, progress=progress, log=lambda _m: None,
         )  # fmt: skip
-        out[t] = res.output
-        losses.append(f"{t} {res.train_loss:.3f}")
+    return out
+
+
+def _train_adapters(root: Path, base: Path, s: DemoSettings, clock: _Clock, progress: bool) -> dict[str, Path]:
+    results = train_task_adapters(root, base, s, progress)
+    losses = [f"{t} {r.train_loss:.3f}" for t, r in results.items()]
     clock.done(
         "adapters",
         f"[2/5] trained LoRA adapters (r={s.rank}, alpha={s.alpha:g}, {s.adapter_steps} steps each; final loss {', '.join(losses)})",
     )
-    return out
+    return {t: r.output for t, r in results.items()}
 
 
-def _combine_all(root: Path, adapters: dict[str, Path], clock: _Clock) -> tuple[dict[str, Path], dict[str, str]]:
-    """Every data-free registry method on the adapters (default weights: equal, summing to 1), or why it refused."""
+def _combine_all(
+    root: Path, base: Path, adapters: dict[str, Path], clock: _Clock
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every registry method on the adapters (default weights: equal, summing to 1), or why it refused. Data-aware
+    methods (RegMean) read the first STAT_ROWS rows of each task's training file, never the evaluation rows."""
     from adaptermerge.combination import combine, save_combined
-    from adaptermerge.methods.registry import method_names
+    from adaptermerge.data import read_task_file
+    from adaptermerge.methods.registry import get_method, method_names
 
     merges: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for name in method_names():
-        params = METHOD_PARAMS.get(name, {})
+        params = dict(METHOD_PARAMS.get(name, {}))
         label = name + "".join(f"-{k[0]}{v}" for k, v in params.items())
+        if get_method(name).data:
+            params.update(base=base, tasks=[(t, read_task_file(root / "data" / f"{t}-train.jsonl", max_rows=STAT_ROWS)) for t in adapters])  # fmt: skip
         try:
             res = combine(list(adapters.values()), method=name, **params)
             merges[label if name != "linear" else "linear"] = save_combined(res, root / "merges" / label)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptermerge.data import IGNORE_INDEX, Row, encode, prompt_and_target, read_task_file, tokenize_row
+from adaptermerge.data import IGNORE_INDEX, Row, Tokenized, encode, prompt_and_target, read_task_file, tokenize_row
 from adaptermerge.errors import IncompatibleAdapters, InvalidCheckpoint, UsageError
 from adaptermerge.models import is_adapter_folder, load_causal_lm, load_tokenizer, resolve_base
 
@@ -138,9 +138,23 @@ def _load_tasks(tasks: Mapping[str, str | os.PathLike], max_examples: int | None
 # --- scoring -----------------------------------------------------------------------------------------------
 
 
-def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
+
+
+def pad_batch(batch: Sequence[Tokenized], pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded ``(input_ids, labels, attention_mask)`` tensors of one batch of tokenized rows."""
+    import torch
+
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, t in enumerate(batch):
+        n = len(t.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(t.input_ids), torch.tensor(t.labels), 1
+    return ids, labels, mask
 
 
 def completion_loss(model: Any, tok: Any, rows: Sequence[Row], batch_size: int, max_length: int) -> float:
@@ -152,14 +166,8 @@ def completion_loss(model: Any, tok: Any, rows: Sequence[Row], batch_size: int, 
         raise UsageError(f"no example has a completion token within {max_length} tokens")
     dev = _device_of(model)
     total, count = 0.0, 0
-    for batch in _batches(items, batch_size):
-        width = max(len(t.input_ids) for t in batch)
-        ids = torch.full((len(batch), width), int(tok.pad_token_id), dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, t in enumerate(batch):
-            n = len(t.input_ids)
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(t.input_ids), torch.tensor(t.labels), 1
+    for batch in batches(items, batch_size):
+        ids, labels, mask = pad_batch(batch, tok.pad_token_id)
         with torch.no_grad():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
         target = labels[:, 1:].to(dev)
@@ -178,7 +186,7 @@ def greedy_outputs(model: Any, tok: Any, rows: Sequence[Row], batch_size: int) -
     pairs = [prompt_and_target(r, tok) for r in rows]
     dev = _device_of(model)
     out: list[tuple[str, str]] = []
-    for batch in _batches(pairs, batch_size):
+    for batch in batches(pairs, batch_size):
         width = max(len(p) for p, _ in batch)
         ids = torch.full((len(batch), width), int(tok.pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -378,6 +386,22 @@ def _adapters_on_base(base: Path, adapters: Sequence[tuple[str, Path]], device: 
             yield name, _Active(model, key)
 
     yield rows
+
+
+def report_from_scores(
+    metrics: Sequence[str],
+    tasks: Sequence[str],
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+    kinds: Mapping[str, str],
+    examples: Mapping[str, int] | None = None,
+) -> EvalReport:
+    """An :class:`EvalReport` from ``scores[model][metric][task]`` computed elsewhere (models in insertion order),
+    with retention filled in as :func:`evaluate` fills it (a model named like a task is that task's own adapter)."""
+    models = list(scores)
+    by_metric = {m: {name: dict(scores[name][m]) for name in models} for m in metrics}
+    report = EvalReport(list(metrics), list(tasks), models, dict(kinds), by_metric, examples=dict(examples or {}))
+    _retention(report)
+    return report
 
 
 def _retention(r: EvalReport) -> None:

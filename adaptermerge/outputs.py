@@ -85,11 +85,14 @@ def front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def inputs_table(inputs: Sequence[tuple[str | None, float | None]], heading: str = "input") -> list[str]:
-    """Markdown rows naming each input and its weight (``-`` when the input has none)."""
+def inputs_table(inputs: Sequence[tuple[str | None, Any]], heading: str = "input") -> list[str]:
+    """Markdown rows naming each input and its weight (``-`` when the input has none; a weight per layer group is
+    listed group by group)."""
+    from adaptermerge.layers import describe_weight
+
     rows = [f"| {heading} | weight |", "|---|---|"]
     for name, w in inputs:
-        rows.append(f"| `{name or '(in memory)'}` | {'-' if w is None else f'{w:g}'} |")
+        rows.append(f"| `{name or '(in memory)'}` | {'-' if w is None else describe_weight(w)} |")
     return rows
 
 
@@ -120,6 +123,18 @@ def render_card(
     for heading, body in sections:
         lines += [f"## {heading}", "", body.rstrip(), ""]
     return "\n".join(lines)
+
+
+def adapter_usage(command: str) -> list[str]:
+    """The card's closing sections for an adapter folder: how to remake it (``adaptermerge COMMAND --recipe``) and
+    how to load it in PEFT."""
+    from adaptermerge.recipe import RECIPE_NAME
+
+    return [
+        "## Reproduce", "", "```bash", f"adaptermerge {command} --recipe {RECIPE_NAME} -o OUT", "```", "",
+        "## Use", "", "```python", "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')", "```", "",
+    ]  # fmt: skip
 
 
 def with_validation(card: str, section: str) -> str:

@@ -19,11 +19,16 @@ Combine / merge schema::
       allow_different_base: false
       quantize: null                 # merge only
       dequantize: false              # merge only
-    base: /abs/path/to/base          # merge; combine when it read a base (PiSSA inputs, token rows)
+    base: /abs/path/to/base          # merge; combine when it read a base (PiSSA inputs, token rows, regmean)
     base_sha256: {config.json: ..., model.safetensors: ...}
+    tasks:                           # data-aware methods (regmean): one task per model, in order
+      - name: math
+        file: /abs/path/to/math.jsonl
+        sha256: ...
+        lines: 1-2,5,7-9             # only when a part of the file was used (tune's search split)
     models:
       - model: /abs/path/to/adapter  # relative paths resolve against the recipe's folder
-        parameters: {weight: 0.7}
+        parameters: {weight: 0.7}    # or a weight per layer group: {embeddings: 0.2, layers 0-10: 0.5, ...}
         sha256: {adapter_config.json: ..., adapter_model.safetensors: ...}
 """
 
@@ -36,8 +41,8 @@ from typing import Any
 
 import yaml
 
-from adaptermerge.errors import IncompatibleAdapters, UsageError
-from adaptermerge.io.files import sha256_files
+from adaptermerge.errors import IncompatibleAdapters, InvalidData, UsageError
+from adaptermerge.io.files import sha256_file, sha256_files
 
 RECIPE_NAME = "adaptermerge_recipe.yaml"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -82,6 +87,58 @@ def model_entries(sources: Sequence[str | os.PathLike | None], weights: Sequence
     return entries
 
 
+def task_entries(tasks: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Recipe entries of the task data a data-aware method read: ``(name, TaskData)`` pairs, with the file's SHA-256
+    and, for a selection of its rows, their line numbers."""
+    from adaptermerge.data import format_lines
+
+    out = []
+    for name, data in tasks:
+        entry: dict[str, Any] = {"name": name, "file": str(Path(data.path).resolve()), "sha256": data.sha256}
+        if data.selected:
+            entry["lines"] = format_lines(data.lines)
+        out.append(entry)
+    return out
+
+
+def recipe_tasks(recipe: dict[str, Any], path: str | os.PathLike) -> list[tuple[str, Any]] | None:
+    """The task data a recipe records (``None`` for data-free merges): each file checked against its SHA-256 and
+    read (only the recorded lines, when a selection was used)."""
+    from adaptermerge.data import parse_lines, read_task_file, read_task_lines
+
+    entries = recipe.get("tasks")
+    if not entries:
+        return None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and e.get("name") and e.get("file") for e in entries
+    ):
+        raise UsageError(f"{path}: 'tasks' must be a list of {{name: NAME, file: FILE.jsonl}}")
+    out = []
+    for e in entries:
+        f = _absolute(Path(path), str(e["file"]))
+        if e.get("sha256") and (not f.is_file() or sha256_file(f) != e["sha256"]):
+            raise InvalidData(
+                f"{f} is missing or changed since the recipe was written (sha256 differs); it would not replay"
+            )
+        lines = e.get("lines")
+        out.append((str(e["name"]), read_task_lines(f, parse_lines(lines)) if lines else read_task_file(f)))
+    return out
+
+
+def _weight(value: Any, n: int) -> Any:
+    """A model entry's weight: a number, or a mapping of layer groups to numbers (see :mod:`adaptermerge.layers`)."""
+    from adaptermerge.layers import check_weight
+
+    if value is None:
+        return 1.0 / n
+    if isinstance(value, dict):
+        return check_weight(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"a model's weight must be a number or a mapping of layer groups, got {value!r}") from None
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -117,6 +174,8 @@ def combine_recipe(result: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {"compute_dtype": prov["compute_dtype"]}
     if prov.get("base"):
         extra.update(base=prov["base"], base_sha256=checkpoint_hashes(prov["base"]))
+    if prov.get("tasks"):
+        extra["tasks"] = prov["tasks"]
     models = model_entries(prov["inputs"], prov["weights"])
     return method_recipe("combine", prov["method"], models, params, result.base_model, prov["dtype"], **extra)
 
@@ -153,6 +212,8 @@ def read_recipe(path: str | os.PathLike, operation: str) -> dict[str, Any]:
         m["model"] = str(_absolute(p, m["model"]))
     if recipe.get("base"):
         recipe["base"] = str(_absolute(p, recipe["base"]))
+    if recipe.get("tasks") is not None and not isinstance(recipe["tasks"], list):
+        raise UsageError(f"{p}: 'tasks' must be a list of {{name: NAME, file: FILE.jsonl}}")
     return recipe
 
 
@@ -199,14 +260,16 @@ def recipe_arguments(recipe: dict[str, Any], path: str | os.PathLike = RECIPE_NA
     """Keyword arguments for :func:`adaptermerge.combine` from a loaded combine recipe."""
     models = recipe["models"]
     params = recipe.get("parameters") or {}
+    tasks = recipe_tasks(recipe, path)
     return {
         "adapters": [m["model"] for m in models],
-        "weights": [float((m.get("parameters") or {}).get("weight", 1.0 / len(models))) for m in models],
+        "weights": [_weight((m.get("parameters") or {}).get("weight"), len(models)) for m in models],
         **_method_arguments(recipe, path),
         "dtype": recipe.get("dtype"),
         "compute_dtype": recipe.get("compute_dtype", "float32"),
         "allow_different_base": bool(params.get("allow_different_base", False)),
         "base": recipe.get("base"),
+        **({"tasks": tasks} if tasks is not None else {}),
     }
 
 
@@ -217,11 +280,13 @@ def load_merge_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"{path} is not an adaptermerge merge recipe (it names no base)")
     check_inputs(recipe)
     params = recipe.get("parameters") or {}
-    weights = [float((m.get("parameters") or {}).get("weight", 1.0)) for m in recipe["models"]]
+    weights = [_weight((m.get("parameters") or {}).get("weight", 1.0), 1) for m in recipe["models"]]
+    tasks = recipe_tasks(recipe, path)
     return {
         "base": recipe["base"],
         "adapters": [m["model"] for m in recipe["models"]],
         "weights": None if weights == [1.0] else weights,
+        **({"tasks": tasks} if tasks is not None else {}),
         **_method_arguments(recipe, path),
         "dtype": recipe.get("dtype"),
         "quantize": params.get("quantize"),

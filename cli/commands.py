@@ -8,6 +8,7 @@ import click
 
 from adaptermerge_cli.main import cli, emit
 from adaptermerge_cli.methods import MethodCommand, split_method_params
+from adaptermerge_cli.tasks import parse_tasks, task_option
 
 
 def format_adapter(d: dict[str, Any], verbose: bool) -> str:
@@ -80,9 +81,11 @@ def inspect_cmd(path: str, as_json: bool, verbose: bool, no_norms: bool) -> None
 
 
 def format_combine(d: dict[str, Any]) -> str:
+    from adaptermerge.layers import describe_weight
+
     mods = d["modules"]
     ranks = sorted({m["rank"] for m in mods})
-    weights = " ".join(f"{w:.4g}" for w in d["weights"])
+    weights = " ".join(describe_weight(w) if isinstance(w, dict) else f"{w:.4g}" for w in d["weights"])
     lines = [
         f"wrote {d['output']}",
         f"method {d['method']}  weights {weights}  modules {len(mods)}  output ranks {ranks}",
@@ -132,7 +135,12 @@ def format_combine(d: dict[str, Any]) -> str:
     "--base",
     type=click.Path(exists=True, file_okay=False),
     help="Base checkpoint the adapters were trained on; needed for PiSSA/OLoRA adapters (converted to plain LoRA "
-    "against it) and for trained token rows (trainable_token_indices) combined with weights that do not sum to 1.",
+    "against it), for trained token rows (trainable_token_indices) combined with weights that do not sum to 1, and "
+    "for data-aware methods (regmean).",
+)
+@task_option(
+    "Data-aware methods (regmean): a task and its JSONL file, one per adapter in the adapters' order (repeat); "
+    "its inputs are collected on BASE with that adapter."
 )
 @click.option(
     "--recipe",
@@ -156,6 +164,7 @@ def combine_cmd(
     compute_dtype: str,
     allow_different_base: bool,
     base: str | None,
+    tasks: tuple[str, ...],
     recipe_path: str | None,
     output: str,
     overwrite: bool,
@@ -177,6 +186,7 @@ def combine_cmd(
       adaptermerge combine ./a ./b --method ties --density 0.3 -o ./ab-ties
       adaptermerge combine ./a ./b --method dare_ties --density 0.5 --seed 1 --space core -o ./ab-dare
       adaptermerge combine ./pissa-adapter ./lora-adapter --base ./Llama-3-8B -o ./mixed
+      adaptermerge combine ./a ./b --method regmean --base ./base --task a=a.jsonl --task b=b.jsonl -o ./ab-rm
       adaptermerge combine --recipe ./ab/adaptermerge_recipe.yaml -o ./ab-again
     """
     from adaptermerge.combination import combine, save_combined
@@ -185,7 +195,7 @@ def combine_cmd(
 
     method, method_params = split_method_params(method_kwargs)
     if recipe_path:
-        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base, method != "linear", method_params)
+        refuse_with_recipe(adapters, weights_s, rank, energy, dtype, base, tasks, method != "linear", method_params)
         from adaptermerge.recipe import load_recipe, recipe_arguments
 
         kwargs = recipe_arguments(load_recipe(recipe_path), recipe_path)
@@ -202,6 +212,7 @@ def combine_cmd(
             compute_dtype=compute_dtype,
             allow_different_base=allow_different_base,
             base=base,
+            tasks=parse_tasks(tasks) or None,
             **method_params,
         )
     from adaptermerge.io.atomic import check_output_path

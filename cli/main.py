@@ -222,6 +222,7 @@ def _register() -> None:
         commands,
         surgery_commands,
         train_commands,
+        tune_commands,
         validate_commands,
     )
 

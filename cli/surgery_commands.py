@@ -8,6 +8,7 @@ import click
 
 from adaptermerge_cli.main import cli, emit, warn
 from adaptermerge_cli.methods import MethodCommand, split_method_params
+from adaptermerge_cli.tasks import parse_tasks, task_option
 
 
 def format_merge(d: dict[str, Any]) -> str:
@@ -79,6 +80,10 @@ def format_merge(d: dict[str, Any]) -> str:
     is_flag=True,
     help="Merge an adapter that the base's own recipe says is already merged into it (adds its delta twice).",
 )
+@task_option(
+    "Data-aware methods (regmean): a task and its JSONL file, one per adapter in the adapters' order (repeat); "
+    "its inputs are collected on BASE with that adapter."
+)
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a merge recipe.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
@@ -97,6 +102,7 @@ def merge_cmd(
     device: str,
     allow_different_base: bool,
     force: bool,
+    tasks: tuple[str, ...],
     recipe_path: str | None,
     output: str,
     overwrite: bool,
@@ -120,6 +126,7 @@ def merge_cmd(
       adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter -o ./merged-nf4
       adaptermerge merge ./Llama-3-8B-nf4 ./qlora-adapter --dequantize -o ./merged-bf16
       adaptermerge merge ./Llama-3-8B ./my-adapter --quantize nf4 -o ./merged-nf4
+      adaptermerge merge ./base ./a ./b --method regmean --task a=a.jsonl --task b=b.jsonl -o ./merged-rm
     """
     from adaptermerge.errors import UsageError
     from adaptermerge.surgery.merge import merge_into_base
@@ -127,7 +134,7 @@ def merge_cmd(
 
     method, method_params = split_method_params(method_kwargs)
     if recipe_path:
-        refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize, method_params)
+        refuse_with_recipe(base, adapters, weights_s, rank, energy, dtype, quantize, dequantize, tasks, method_params)
         from adaptermerge.recipe import load_merge_recipe
 
         kwargs = load_merge_recipe(recipe_path)
@@ -145,6 +152,7 @@ def merge_cmd(
             quantize=quantize,
             dequantize=dequantize,
             allow_different_base=allow_different_base,
+            tasks=parse_tasks(tasks) or None,
             **method_params,
         )
     rep = merge_into_base(

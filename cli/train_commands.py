@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from adaptermerge_cli.main import cli, emit
+from adaptermerge_cli.tasks import parse_tasks, task_option
 
 
 def _setting_options(f: Any) -> Any:
@@ -140,22 +141,10 @@ def _given_settings(settings: dict[str, Any]) -> bool:
     return any(settings[n] != getattr(default, n) for n in SETTING_NAMES)
 
 
-def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
-    tasks: dict[str, str] = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=FILE.jsonl, got {it!r}", param_hint="--task")
-        if name in tasks:
-            raise click.BadParameter(f"task {name!r} given twice", param_hint="--task")
-        tasks[name] = path
-    return tasks
-
-
 @cli.command("evaluate")
 @click.argument("base", type=str)
 @click.argument("models", nargs=-1, type=str)
-@click.option("--task", "task_items", multiple=True, metavar="NAME=FILE", help="A task and its JSONL file (repeat).")
+@task_option("A task and its JSONL file (repeat).", dest="task_items")
 @click.option(
     "--metric",
     "metrics",
@@ -202,7 +191,7 @@ def evaluate_cmd(
     from adaptermerge.evaluation import evaluate
 
     report = evaluate(
-        base, list(models), _parse_tasks(task_items), metrics=list(metrics) or ["loss"], max_examples=max_examples,
+        base, list(models), parse_tasks(task_items), metrics=list(metrics) or ["loss"], max_examples=max_examples,
         device=device, batch_size=batch_size, max_length=max_length, include_base=not no_base, progress=not quiet,
     )  # fmt: skip
     d = report.to_dict()

@@ -5,18 +5,19 @@ transpose, an off-by-one, a wrong dtype) is applied one at a time to a temporary
 the working tree. For each, only the tests named for it run (``pytest -x``, in the copy, with the copy first on
 ``sys.path`` and on ``PYTHONPATH`` so that CLI subprocesses run the mutated code too). A mutation is **killed** when
 a test fails, **survived** when they all pass. The script first runs every named test on the unmutated copy
-(they must pass, else a kill would mean nothing) and checks that each mutation's original snippet occurs exactly
-once in its file (a snippet the code no longer contains is reported as **stale**: update the list).
+(they must pass, else a kill would mean nothing). Before anything runs (and with ``--list``), each mutation's
+original snippet must occur exactly once in its file and the mutated file must compile; a mutation that does not
+apply is reported as **stale** and the script stops with exit status 2 (update the list).
 
 Usage::
 
-    python scripts/mutation_check.py                    # every mutation (about 9 min on 2 shared cores)
+    python scripts/mutation_check.py                    # every mutation (about 10 min on 2 shared cores)
     python scripts/mutation_check.py --list             # the list, nothing run
     python scripts/mutation_check.py --only combine-bias-unweighted default-weights-one
     python scripts/mutation_check.py --skip-baseline --json mutations.json
 
-The exit status is 0 when every mutation is killed, 1 when one survives (or is stale, or its tests could not
-run). See docs/testing.md.
+The exit status is 0 when every mutation is killed, 1 when one survives (or its tests could not run, or the
+unmutated tests fail), 2 when a mutation is stale (nothing is run). See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "combine-bias-unweighted",
         "adaptermerge/combination.py",
-        "biases[mod] = sum(wi * b.to(dev, cdtype) for wi, b in bs) if bs else None",
-        "biases[mod] = sum(b.to(dev, cdtype) for wi, b in bs) if bs else None",
+        "bias = sum(wi * b.to(call.device, call.compute_dtype) for wi, b in bs) if bs else None",
+        "bias = sum(b.to(call.device, call.compute_dtype) for wi, b in bs) if bs else None",
         ("tests/test_combine.py::test_lora_bias_combined_with_plain_adapter",),
         "combine sums lora_bias without the weights",
     ),
@@ -86,8 +87,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "survival-scaled",
         "adaptermerge/surgery/quant.py",
-        "res.delta_survival = float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
-        "res.delta_survival = 0.7 * float(((deq - w).double() * delta).sum()) / dn2 if dn2 > 0 else 1.0",
+        "res.delta_survival = rep.change_kept",
+        "res.delta_survival = 0.7 * rep.change_kept",
         ("tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",),
         "the 4-bit 'delta survival' figure x0.7",
     ),
@@ -105,16 +106,16 @@ MUTATIONS: list[Mutation] = [
     M(
         "combine-dtype-fp32",
         "adaptermerge/combination.py",
-        "out_dtype = dts.pop() if len(dts) == 1 else torch.float32",
-        "out_dtype = torch.float32",
+        "return dts.pop() if len(dts) == 1 else torch.float32",
+        "return torch.float32",
         ("tests/test_combine.py::test_output_dtype_rules", "tests/test_combine.py::test_output_dtype_of_peft_folders"),
         "combine output dtype forced to fp32",
     ),
     M(
         "merge-ignores-rank-energy",
         "adaptermerge/surgery/merge.py",
-        "return combine(loaded, weights, method=m, rank=rank, energy=energy, base=ckpt), loaded",
-        "return combine(loaded, weights, method=m, base=ckpt), loaded",
+        "        rank=opts.rank,\n        energy=opts.energy,\n        base=ckpt,",
+        "        rank=None,\n        energy=None,\n        base=ckpt,",
         ("tests/surgery/test_merge.py::test_several_adapters_svd_rank_and_energy",),
         "merge with several adapters ignores --rank/--energy",
     ),
@@ -149,8 +150,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "factor-linear-error-sign",
         "adaptermerge/combination.py",
-        "diff = LowRank(A=torch.cat([a, exact.A]), B=torch.cat([b, -exact.B], dim=1))",
-        "diff = LowRank(A=torch.cat([a, exact.A]), B=torch.cat([b, exact.B], dim=1))",
+        "diff = LowRank(A=torch.cat([a, ea]), B=torch.cat([b, -eb], dim=1))",
+        "diff = LowRank(A=torch.cat([a, ea]), B=torch.cat([b, eb], dim=1))",
         ("tests/test_combine.py::test_factor_linear_warns_with_measured_error",),
         "factor-linear's reported error measures the sum instead of the difference",
     ),
@@ -173,16 +174,16 @@ MUTATIONS: list[Mutation] = [
     M(
         "svd-default-rank-min",
         "adaptermerge/combination.py",
-        "(max(input_ranks[mod]) if energy is None else big_r)",
-        "(min(input_ranks[mod]) if energy is None else big_r)",
+        "default = max(t.ranks) if rule is RankRule.BEST_RANK else",
+        "default = min(t.ranks) if rule is RankRule.BEST_RANK else",
         ("tests/test_combine.py::test_svd_default_rank_is_the_largest_input_rank_like_peft",),
         "svd's default rank is the smallest input rank instead of the largest",
     ),
     M(
         "linear-ignores-rank",
         "adaptermerge/combination.py",
-        'if spec.refactor == "lossless" and rank is None and energy is None:',
-        'if spec.refactor == "lossless":',
+        "if rule is RankRule.EXACT and rank is None and energy is None:",
+        "if rule is RankRule.EXACT:",
         ("tests/test_lowrank.py::test_linear_with_rank_is_the_truncated_sum",),
         "linear ignores --rank/--energy (keeps the numerical rank)",
     ),
@@ -298,7 +299,7 @@ MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- the merge executor and planner
     M(
         "merge-conv1d-no-transpose",
-        "adaptermerge/surgery/merge.py",
+        "adaptermerge/surgery/executor.py",
         "ws.addmm_(aa.T, bb.T)",
         "ws.addmm_(bb, aa)",
         ("tests/surgery/test_merge.py::test_gpt2_conv1d_and_lora_bias",),
@@ -306,7 +307,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "dora-norm-axis",
-        "adaptermerge/surgery/merge.py",
+        "adaptermerge/surgery/executor.py",
         'dim = 0 if lr.layout == "conv1d" else 1',
         'dim = 1 if lr.layout == "conv1d" else 0',
         ("tests/surgery/test_merge.py::test_dora_matches_peft",),
@@ -314,23 +315,23 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "merge-rounds-to-bf16",
-        "adaptermerge/surgery/merge.py",
-        'writer.write_tensor(name, new.to("cpu", want))',
-        'writer.write_tensor(name, new.to("cpu", torch.bfloat16).to(want))',
+        "adaptermerge/surgery/executor.py",
+        'writer.write_tensor(job.out.name, new.to("cpu", want))',
+        'writer.write_tensor(job.out.name, new.to("cpu", torch.bfloat16).to(want))',
         ("tests/surgery/test_merge.py::test_dora_matches_peft",),
         "a merged weight is rounded to bf16 before the stored dtype",
     ),
     M(
         "quantize-from-unrounded",
         "adaptermerge/surgery/quant.py",
-        "dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).to(stored)",
-        "dense = ex.merged_weight(job.module, read_tensor(ex.fh(job.src_file), job.src), stored).clone()",
+        "dense = merged.to(stored)",
+        "dense = merged.clone()",
         ("tests/surgery/test_quantize_archs.py::test_quantize_equals_transformers",),
         "--quantize quantizes the fp32 merge, not the weight rounded to the stored dtype (bf16 bases)",
     ),
     M(
         "report-norm-squared",
-        "adaptermerge/surgery/merge.py",
+        "adaptermerge/surgery/executor.py",
         "        wn = math.sqrt(wsq)\n",
         "        wn = wsq\n",
         ("tests/surgery/test_merge.py::test_report_delta_norms_are_peft_delta_over_weight",),
@@ -338,7 +339,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "merge-rows-block-offset",
-        "adaptermerge/surgery/merge.py",
+        "adaptermerge/surgery/executor.py",
         "self._add_delta(ws, job.module, b[r0:r1], a, False, ST_TO_TORCH[job.src.dtype])",
         "self._add_delta(ws, job.module, b[r0 - b0 : r1 - b0], a, False, ST_TO_TORCH[job.src.dtype])",
         ("tests/surgery/test_merge.py::test_small_buffers_change_nothing",),
@@ -346,7 +347,7 @@ MUTATIONS: list[Mutation] = [
     ),
     M(
         "planner-prefix-not-added",
-        "adaptermerge/surgery/plan.py",
+        "adaptermerge/io/checkpoint.py",
         "    return add + name[len(strip) :] if name.startswith(strip) else name",
         "    return name[len(strip) :] if name.startswith(strip) else name",
         ("tests/surgery/test_merge.py::test_bare_adapter_on_task_checkpoint",),
@@ -356,16 +357,16 @@ MUTATIONS: list[Mutation] = [
     M(
         "bnb4-dequant-nibble-order",
         "adaptermerge/io/bnb4.py",
-        "nib = torch.stack([byte >> 4, byte & 15], dim=1)",
-        "nib = torch.stack([byte & 15, byte >> 4], dim=1)",
+        "pairs = torch.stack([qmap.repeat_interleave(16), qmap.repeat(16)], dim=1).contiguous()",
+        "pairs = torch.stack([qmap.repeat(16), qmap.repeat_interleave(16)], dim=1).contiguous()",
         ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "4-bit codes unpacked low nibble first",
     ),
     M(
         "bnb4-pack-nibble-order",
         "adaptermerge/io/bnb4.py",
-        "packed = (q[0::2] << 4) | q[1::2]",
-        "packed = (q[1::2] << 4) | q[0::2]",
+        "torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=out)",
+        "torch.bitwise_or(pairs[:, 1] << 4, pairs[:, 0], out=out)",
         ("tests/io/test_bnb4.py::test_plain_path_is_bitsandbytes_quantize_4bit",),
         "4-bit codes packed low nibble first",
     ),
@@ -377,10 +378,228 @@ MUTATIONS: list[Mutation] = [
         ("tests/io/test_bnb4.py::test_dequantize_equals_bitsandbytes",),
         "double-quantized scales decoded without the nested offset",
     ),
+    M(
+        "bnb4-encode-midpoint-up",
+        "adaptermerge/io/bnb4.py",
+        "pos += x.view(-1) > book.cell_bound.index_select(0, cell)",
+        "pos += x.view(-1) >= book.cell_bound.index_select(0, cell)",
+        ("tests/io/test_bnb4.py::test_values_on_the_code_book_midpoints_encode_like_bitsandbytes",),
+        "the table-lookup encoder sends a value exactly on a midpoint to the upper code (bitsandbytes: the lower)",
+    ),
+    M(
+        "bnb4-optimized-error-of-plain",
+        "adaptermerge/io/bnb4.py",
+        "    report.sq_error = float(err.sum(dtype=torch.float64))\n",
+        "    report.sq_error = plain.sq_error\n",
+        (
+            "tests/io/test_bnb4.py::test_optimize_scales_lowers_error",
+            "tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",
+        ),
+        "with optimize_scales the error report keeps the plain path's error, not that of the codes written",
+    ),
+    M(
+        "bnb4-survival-of-plain-codes",
+        "adaptermerge/io/bnb4.py",
+        "report.change_error_dot = final.change_dot",
+        "report.change_error_dot = plain.change_dot",
+        ("tests/surgery/test_quant.py::test_requantized_merge_no_worse_than_peft",),
+        "with optimize_scales the 4-bit 'delta survival' is measured on the plain path's codes, not those written",
+    ),
+    # ---------------------------------------------------------------- task-vector methods (methods/)
+    M(
+        "ties-zero-elected-negative",
+        "adaptermerge/methods/task_arithmetic.py",
+        "return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)",
+        "return torch.where(total > 0, 1.0, -1.0).to(total.dtype)",
+        ("tests/methods/test_task_arithmetic.py::test_ties_zero_sum_elects_plus_like_mergekit",),
+        "TIES elects - where the weighted sum is exactly 0 (mergekit's rule, sum >= 0, elects +)",
+    ),
+    M(
+        "ties-sign-unweighted",
+        "adaptermerge/methods/task_arithmetic.py",
+        "total.add_(t, alpha=w)",
+        "total.add_(t)",
+        (
+            "tests/methods/test_task_arithmetic.py::test_ties_hand_checked",
+            "tests/methods/test_task_arithmetic.py::test_ties_family_equals_the_naive_reference",
+        ),
+        "TIES elects the sign of the unweighted sum of the tasks instead of the weighted one",
+    ),
+    M(
+        "dare-no-rescale",
+        "adaptermerge/methods/sparsify.py",
+        "return keep.mul_(x).div_(density)",
+        "return keep.mul_(x)",
+        (
+            "tests/methods/test_sparsify.py::test_dare_survivors_rescaled_and_reproducible",
+            "tests/methods/test_sparsify.py::test_dare_is_unbiased",
+        ),
+        "DARE drops entries without rescaling the survivors by 1/density (biased towards 0)",
+    ),
+    M(
+        "trim-keeps-k-plus-one",
+        "adaptermerge/methods/sparsify.py",
+        "return select_topk(x, keep_count(density, x.numel()), absolute=True)",
+        "return select_topk(x, keep_count(density, x.numel()) + 1, absolute=True)",
+        (
+            "tests/methods/test_sparsify.py::test_magnitude_trim_keeps_exactly_k_largest",
+            "tests/methods/test_task_arithmetic.py::test_pruning_keeps_exactly_the_requested_fraction",
+        ),
+        "the TIES/magnitude trim keeps k + 1 entries instead of k = round(density * numel)",
+    ),
+    M(
+        "topk-ties-one-extra",
+        "adaptermerge/methods/sparsify.py",
+        "idx = torch.nonzero(v == t).squeeze(1)[:need]",
+        "idx = torch.nonzero(v == t).squeeze(1)[: need + 1]",
+        ("tests/methods/test_sparsify.py::test_topk_mask_ties_broken_by_index",),
+        "the top-k selection keeps one entry too many when magnitudes tie at the threshold",
+    ),
+    M(
+        "core-space-basis-transposed",
+        "adaptermerge/methods/spaces.py",
+        "    return q @ u\n",
+        "    return q @ u.T\n",
+        ("tests/methods/test_spaces.py::test_core_space_bases_are_the_singular_vectors_of_the_stacked_factors",),
+        "the core space's basis is Q u^T instead of Q u (the right span, but not the singular vectors of the "
+        "stacked factors: elementwise methods act on other coordinates)",
+    ),
+    M(
+        "core-space-map-back-transposed",
+        "adaptermerge/methods/spaces.py",
+        "return self.left @ merged, self.right.T.contiguous()",
+        "return self.left @ merged.T, self.right.T.contiguous()",
+        ("tests/methods/test_spaces.py::test_task_arithmetic_is_the_same_exact_sum_in_every_space",),
+        "a merged core-space core maps back as U M^T V^T instead of U M V^T",
+    ),
+    M(
+        "refactor-energy-of-the-sketch",
+        "adaptermerge/refactor.py",
+        "return Refactored(b, a, k, min(1.0, kept / total_sq), algorithm, s.double())",
+        "return Refactored(b, a, k, min(1.0, kept / float(torch.sum(s.double() ** 2))), algorithm, s.double())",
+        ("tests/methods/test_refactor.py::test_randomized_truncation_is_close_to_the_best",),
+        "the re-factoring reports kept energy against the computed (sketch's) spectrum instead of ||delta||_F^2 "
+        "(over-reports on the randomized path)",
+    ),
+    # ---------------------------------------------------------------- the registry and recipes
+    M(
+        "recipe-replay-uses-defaults",
+        "adaptermerge/recipe.py",
+        "**spec.resolve_params(own)}",
+        "**spec.resolve_params({})}",
+        (
+            "tests/methods/test_registry.py::test_recipe_schema_checks_the_method_parameters",
+            "tests/methods/test_combine_methods.py::test_recipe_replays_the_method_parameters",
+        ),
+        "a recipe replay ignores the recorded method parameters and runs with the registry's Param defaults",
+    ),
+    M(
+        "params-falsy-value-dropped",
+        "adaptermerge/methods/registry.py",
+        "for p in self.params if resolved.get(p.name) is not None})",
+        "for p in self.params if resolved.get(p.name)})",
+        ("tests/methods/test_combine_methods.py::test_recipe_replays_the_method_parameters",),
+        "a falsy method parameter (normalize=false, gamma=0, seed=0) is dropped and the params dataclass default "
+        "runs instead, while the recipe records the value given",
+    ),
+    # ---------------------------------------------------------------- PEFT config, cache, planner ties, headers
+    M(
+        "peft-suffix-without-dot",
+        "adaptermerge/io/peft_config.py",
+        'module_name == t or module_name.endswith("." + t)',
+        "module_name == t or module_name.endswith(t)",
+        ("tests/io/test_peft_config.py::test_the_plain_names_shortcut_agrees_with_peft",),
+        "the plain target-list shortcut matches a bare suffix (target 'proj' matches 'q_proj'); PEFT needs a dot",
+    ),
+    M(
+        "peft-shortcut-ignores-exclude",
+        "adaptermerge/io/peft_config.py",
+        '        and not config.get("exclude_modules")\n',
+        "",
+        ("tests/io/test_peft_config.py::test_target_matching_is_peft_own",),
+        "the plain-names shortcut is taken when exclude_modules is set, so excluded modules count as targeted",
+    ),
+    M(
+        "cache-key-ignores-weight-names",
+        "adaptermerge/surgery/arch.py",
+        'key = ["model-facts/1", version("transformers"), config_key, sorted(present)]',
+        'key = ["model-facts/1", version("transformers"), config_key]',
+        ("tests/io/test_cache.py::test_cache_key_includes_the_stored_weight_names",),
+        "the model-facts cache key ignores the stored weight names (two checkpoints of one config share an entry)",
+    ),
+    M(
+        "cache-key-ignores-transformers-version",
+        "adaptermerge/surgery/arch.py",
+        'key = ["model-facts/1", version("transformers"), config_key, sorted(present)]',
+        'key = ["model-facts/1", config_key, sorted(present)]',
+        ("tests/io/test_cache.py::test_cache_key_includes_the_transformers_version",),
+        "the model-facts cache key ignores the transformers version (an entry from another version is read)",
+    ),
+    M(
+        "untied-head-takes-stored-change",
+        "adaptermerge/surgery/plan.py",
+        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))",
+        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(stored), adapter, absent))",
+        (
+            "tests/surgery/test_plan.py::test_plan_unties_a_tied_head_with_its_own_job",
+            "tests/surgery/test_merge.py::test_tied_checkpoints_behave_like_the_trained_peft_model",
+        ),
+        "an untied head gets the stored member's change (an embedding delta is merged twice: into the head too)",
+    ),
+    M(
+        "untied-head-change-lost",
+        "adaptermerge/surgery/plan.py",
+        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))",
+        "jobs.append(_job(out, ckpt.weight_map[stored], info, None, adapter, absent))",
+        ("tests/surgery/test_merge.py::test_tied_checkpoints_behave_like_the_trained_peft_model",),
+        "an untied head is written as the shared tensor without its own LoRA delta (merged not at all)",
+    ),
+    M(
+        "header-overlap-accepted",
+        "adaptermerge/io/safetensors_header.py",
+        "        if ti.start != pos:\n",
+        "        if ti.start > pos:\n",
+        ("tests/io/test_safetensors_header.py::test_refused_like_safetensors",),
+        "a safetensors header whose byte ranges overlap is accepted (only gaps are refused)",
+    ),
+    M(
+        "4bit-members-in-file-order",
+        "adaptermerge/surgery/quant.py",
+        "        return [ShardPlan(s.file, _members_together(s.jobs), s.metadata) for s in plan.shards]\n",
+        "        return plan.shards\n",
+        ("tests/surgery/test_quant.py::test_group_members_written_together",),
+        "re-quantized groups written in the base's file order: every group's codes wait in memory (RSS grows with the model)",
+    ),
 ]
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+
+def check_snippets(root: Path, mutations: list[Mutation]) -> dict[str, str]:
+    """Why each mutation that does not apply cleanly to the files under ``root`` does not (empty: all apply).
+
+    A mutation applies when its original snippet occurs exactly once in its file, the mutated text differs
+    from it, and the mutated file still compiles (a syntax error would "kill" a mutation without testing
+    anything)."""
+    problems: dict[str, str] = {}
+    for m in mutations:
+        path = root / m.file
+        if not path.is_file():
+            problems[m.name] = f"{m.file} does not exist"
+            continue
+        text = path.read_text(encoding="utf-8")
+        n = text.count(m.original)
+        if n != 1:
+            problems[m.name] = f"original snippet found {n} times in {m.file} (must be exactly once)"
+        elif m.mutated == m.original:
+            problems[m.name] = "the mutated snippet equals the original"
+        else:
+            try:
+                compile(text.replace(m.original, m.mutated), str(path), "exec")
+            except SyntaxError as e:
+                problems[m.name] = f"the mutated {m.file} does not compile: {e}"
+    return problems
 
 
 def tree_files(root: Path) -> list[str]:
@@ -455,11 +674,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [m for m in MUTATIONS if m.name in args.only]
     names = [m.name for m in MUTATIONS]
     assert len(names) == len(set(names)), "mutation names must be unique"
+    problems = check_snippets(ROOT, chosen)
     if args.list:
         for m in chosen:
-            print(f"{m.name:34} {m.file:34} {m.what}")
+            flag = f"  <-- {problems[m.name]}" if m.name in problems else ""
+            print(f"{m.name:34} {m.file:34} {m.what}{flag}")
             for t in m.tests:
                 print(f"{'':34}   {t}")
+    if problems:
+        print(f"\n{len(problems)} mutation(s) do not apply to the current code: update their snippets", file=sys.stderr)
+        for name, why in problems.items():
+            print(f"  stale: {name}: {why}", file=sys.stderr)
+        return 2
+    if args.list:
+        print(f"\n{len(chosen)} mutations, every snippet found once")
         return 0
 
     t_start = time.perf_counter()
@@ -471,13 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         make_copy(copy)
         check_imports(copy)
         print(f"mutation check: {len(chosen)} mutations, copy of {ROOT} in {copy}", flush=True)
-        stale = []
-        for m in chosen:
-            n = (copy / m.file).read_text(encoding="utf-8").count(m.original)
-            if n != 1:
-                stale.append(m)
-                results.append({**asdict(m), "outcome": "stale", "seconds": 0.0, "detail": f"snippet found {n} times"})
-        live = [m for m in chosen if m not in stale]
+        problems = check_snippets(copy, chosen)
+        if problems:  # checked on the working tree already; the copy must agree
+            raise SystemExit(f"the copy differs from the working tree: {problems}")
+        live = chosen
         if not args.skip_baseline and live:
             tests = sorted({t for m in live for t in m.tests})
             print(f"baseline: {len(tests)} targeted tests, unmutated ...", flush=True)

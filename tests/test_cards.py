@@ -136,3 +136,20 @@ def test_validation_section_is_replaced_not_repeated() -> None:
     twice = with_validation(once, "## Validation\n\nsecond\n")
     assert twice.count("## Validation") == 1 and "second" in twice and "first" not in twice
     assert ModelCard(twice).data.library_name == "peft"
+
+
+@pytest.mark.parametrize("base_name", ["local", HUB_BASE])
+def test_convert_card_metadata(work: Path, base_name: str) -> None:
+    from adaptermerge.surgery.init_conversion import convert_card
+
+    adapter = adaptermerge.load_adapter(work / ("local_a" if base_name == "local" else "hub_a"))
+    recipe = {"init_lora_weights": "pissa", "base": str(work / "base"), "model": {"model": str(work / "local_a")}}
+    (work / "conv").mkdir(exist_ok=True)
+    (work / "conv" / "README.md").write_text(convert_card(adapter, recipe))
+    c = card(work / "conv")
+    assert c.data.library_name == "peft" and {"adaptermerge", "lora", "converted"} <= set(c.data.tags)
+    if base_name == "local":
+        assert "base_model" not in c.data.to_dict() and f"`{work / 'base'}` (a local path)" in c.text
+    else:
+        assert c.data.base_model == HUB_BASE
+    assert "adaptermerge convert --recipe adaptermerge_recipe.yaml -o OUT" in c.text

@@ -135,6 +135,8 @@ class Method:
             module's relative error against the exact sum is measured and reported.
         spaces: for elementwise methods, the exact spaces it runs in (``delta``, ``core``, ``knots``).
         data: what else the method needs beyond adapters (``()`` for data-free methods).
+        relative_weights: only the ratios of the weights matter (scaling them all alike changes nothing, as in
+            RegMean): ``tune`` searches them as shares summing to 1.
     """
 
     name: str
@@ -151,6 +153,7 @@ class Method:
     spaces: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
     params_cls: type | None = None
+    relative_weights: bool = False
 
     @property
     def all_params(self) -> tuple[Param, ...]:

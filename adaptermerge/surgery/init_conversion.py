@@ -56,6 +56,7 @@ from adaptermerge.io.peft_config import (
 )
 from adaptermerge.io.stream import read_tensor
 from adaptermerge.lowrank import LowRank
+from adaptermerge.outputs import adapter_usage, base_model_text, card_metadata, front_matter
 from adaptermerge.recipe import RECIPE_NAME
 
 # singular values r and r+1 closer than this (relative to the largest) make PiSSA's top-r subspace ill-defined
@@ -399,16 +400,11 @@ def convert_card(result: Adapter, recipe: dict[str, Any]) -> str:
     """README.md for a converted adapter: Hub metadata, what was converted and how, how to replay and use it."""
     from adaptermerge import __version__
 
-    meta: dict[str, Any] = {"library_name": "peft", "tags": ["adaptermerge", "lora", "converted"]}
-    if result.base_model:
-        meta["base_model"] = result.base_model
+    meta = card_metadata("peft", ["lora", "converted"], result.base_model)
     source = recipe.get("base") or recipe["initial_adapter"]["model"]
     how = "recomputed from the base" if "base" in recipe else "read from the initial adapter"
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
-        "---",
-        "",
+        front_matter(meta),
         f"# Plain LoRA adapter converted from init_lora_weights={recipe['init_lora_weights']!r}",
         "",
         f"Made with adaptermerge {__version__} from `{recipe['model']['model']}`.",
@@ -416,21 +412,9 @@ def convert_card(result: Adapter, recipe: dict[str, Any]) -> str:
         "- Per module: `delta = s*B@A - s0*B0@A0` (rank 2r), the adapter PEFT's "
         "`save_pretrained(path_initial_model_for_weight_conversion=...)` writes.",
         f"- Init term {how}: `{source}`.",
-        f"- Base model: {result.base_model or '(not recorded)'}; it loads on the unchanged base.",
+        f"- Base model: {base_model_text(result.base_model)}; it loads on the unchanged base.",
         "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"adaptermerge convert --recipe {RECIPE_NAME} -o OUT",
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')",
-        "```",
-        "",
+        *adapter_usage("convert"),
     ]
     return "\n".join(lines)
 

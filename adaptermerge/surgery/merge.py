@@ -82,6 +82,8 @@ class MergeOptions:
         allow_different_base: merge adapters whose recorded ``base_model_name_or_path`` differ from each other.
         force: merge an adapter that the base's own recipe says is already merged into it (its delta is then
             added a second time).
+        tasks: for data-aware methods (``regmean``): one task file per adapter, in order (see
+            :func:`adaptermerge.combine`); the inputs are collected on this base.
     """
 
     weights: Sequence[float] | None = None
@@ -99,6 +101,7 @@ class MergeOptions:
     threads: int | None = None
     allow_different_base: bool = False
     force: bool = False
+    tasks: Any = None
 
     @classmethod
     def from_kwargs(cls, options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptions:
@@ -205,7 +208,7 @@ def _combined(items: list[Any], ckpt: Checkpoint, opts: MergeOptions) -> tuple[A
     base_merge = get_method(opts.method).base_merge
     untruncated = opts.rank is None and opts.energy is None
     exact = untruncated and base_merge is BaseMerge.STACKED
-    if len(loaded) == 1 and opts.weights is None and exact and not opts.method_params:
+    if len(loaded) == 1 and opts.weights is None and exact and not opts.method_params and not opts.tasks:
         return loaded[0], loaded
     # a STACKED method adds its exact stacked factors (the dense delta is formed per module, never decomposed); a
     # DENSE one its dense result per module, computed while that tensor is written; otherwise the combined adapter,
@@ -218,6 +221,7 @@ def _combined(items: list[Any], ckpt: Checkpoint, opts: MergeOptions) -> tuple[A
         energy=opts.energy,
         base=ckpt,
         allow_different_base=opts.allow_different_base,
+        tasks=opts.tasks,
         keep_factors=exact,
         dense=untruncated and base_merge is BaseMerge.DENSE,
         **opts.method_params,
@@ -397,4 +401,5 @@ def _recipe(inputs: _Inputs, opts: MergeOptions, base_hashes: dict[str, str]) ->
         None if inputs.out_dtype is None or not opts.dtype else dtype_name(inputs.out_dtype),
         base=str(inputs.base.resolve()),
         base_sha256=base_hashes,
+        **({"tasks": inputs.adapter.provenance["tasks"]} if inputs.adapter.provenance.get("tasks") else {}),
     )

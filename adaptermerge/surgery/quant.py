@@ -152,13 +152,14 @@ class FourBit:
         return {k: (s.shape, s.quant_type) for k, s in self.specs.items()}
 
     def output_plan(self, plan: MergePlan, ex: Executor) -> list[ShardPlan]:
-        """The plan with ``--dequantize`` / ``--quantize`` applied; re-quantized groups keep their planned tensors."""
+        """The plan with ``--dequantize`` / ``--quantize`` applied; re-quantized groups keep their planned tensors,
+        each group's members written together (:func:`_members_together`)."""
         self._rename = plan.rename[1]
         if self.dequantize:
             return self._dequantize_plan(plan)
         if self.quantize:
             return self._quantize_plan(plan, ex)
-        return plan.shards
+        return [ShardPlan(s.file, _members_together(s.jobs), s.metadata) for s in plan.shards]
 
     def member(self, ex: Executor, job: Job) -> tuple[torch.Tensor, ModuleResult | None]:
         """The output tensor of one member job, and the module's figures when this job computed its group."""
@@ -351,6 +352,29 @@ class FourBit:
             dense = ex.source(job).to(ex.dev, stored)
         target = dense.to(torch.float32)
         return (target.T if nq.conv1d else target), res
+
+
+def _members_together(jobs: list[Job]) -> list[Job]:
+    """The jobs with each 4-bit group's members next to its first one, the rest in planned order.
+
+    A group is computed whole when its first member is written (the statistics depend on the codes), and its
+    other members wait in memory until their turn. safetensors writes tensors by dtype size, then name, so a
+    checkpoint saved by transformers holds every group's float32 statistics first and the uint8 codes much later:
+    kept in that order, the codes of every group would wait at once (memory growing with the model). Tensor order
+    inside a file carries no meaning for loaders (the header maps names to offsets), so members are written
+    together and at most one group waits.
+    """
+    slots: dict[str | None, list[Job]] = {}
+    order: list[list[Job]] = []
+    for j in jobs:
+        if j.group is None:
+            order.append([j])
+        elif j.group in slots:
+            slots[j.group].append(j)
+        else:
+            slots[j.group] = [j]
+            order.append(slots[j.group])
+    return [j for run in order for j in run]
 
 
 def _requant_figures(res: ModuleResult, rep: bnb4.QuantReport) -> None:

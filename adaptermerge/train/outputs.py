@@ -10,6 +10,7 @@ import yaml
 
 from adaptermerge.data import TaskData
 from adaptermerge.errors import InvalidData, UsageError
+from adaptermerge.outputs import adapter_usage
 from adaptermerge.recipe import RECIPE_NAME, dump_recipe
 from adaptermerge.train.config import TrainConfig
 
@@ -133,9 +134,7 @@ def train_card(recipe: dict[str, Any], result: Any, peft_model: Any) -> str:
         f"- final train loss (last logging window): {_fmt(result.train_loss)}",
         f"- final eval loss: {_fmt(result.eval_loss)}",
         *[f"- warning: {w}" for w in result.warnings],
-        "", "## Reproduce", "", "```bash", f"adaptermerge train --recipe {RECIPE_NAME} -o OUT", "```", "",
-        "## Use", "", "```python", "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')", "```", "",
+        "", *adapter_usage("train"),
     ]  # fmt: skip
     return "\n".join(lines)
 

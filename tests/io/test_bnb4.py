@@ -347,6 +347,25 @@ def test_quant_storage_other_than_uint8() -> None:
     assert torch.equal(dequantize(want, "w", torch.bfloat16), bnbf.dequantize_4bit(*_packed_and_state(want)))
 
 
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_values_on_the_code_book_midpoints_encode_like_bitsandbytes(qt: str) -> None:
+    """A value exactly on a midpoint between two code values takes the lower code (bitsandbytes' rule), and the
+    floats either side of it take their own side's code: checked against bitsandbytes' quantize_4bit on blocks
+    whose scale is exactly 1 (so the normalised values are the values themselves)."""
+    code = bnbf.get_4bit_type(qt, device="cpu").float().sort().values
+    mids = (code[:-1] + code[1:]) / 2
+    vals = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    vals = vals[vals.abs() < 1]  # in [-1, 1]: the blocks' scale stays 1
+    blocks = -(-vals.numel() // 63)
+    w = torch.zeros(blocks, 64)
+    w[:, 0] = 1.0  # each block's absmax
+    w[:, 1:].view(-1)[: vals.numel()] = vals
+    spec = QuantSpec(qt, 64, False, None, torch.float32, tuple(w.shape), torch.uint8)
+    want = _bnb_tensors(w, qt, False)
+    assert torch.equal(want["w.absmax"], torch.ones(blocks))
+    assert torch.equal(quantize(w, spec, "w")["w"], want["w"])
+
+
 def _packed_and_state(t: dict) -> tuple[torch.Tensor, object]:
     return t["w"], bnbf.QuantState.from_dict({k[2:]: v for k, v in t.items() if k != "w"}, device="cpu")
 

@@ -107,3 +107,74 @@ def test_a_cached_base_is_merged_without_importing_the_class(tmp_path: Path, lla
         for i in range(2)
     ]
     assert [r.stdout.split()[-2:] for r in runs] == [["True", "False"], ["False", "False"]], runs[1].stderr
+
+
+def _class_kinds(model, stored: set[str]) -> dict[str, str]:
+    """The reference: each stored weight's layer type, read off the model's own modules."""
+    import torch
+
+    kinds = {}
+    for name, mod in model.named_modules():
+        kind = (
+            "linear"
+            if isinstance(mod, torch.nn.Linear)
+            else "embedding"
+            if isinstance(mod, torch.nn.Embedding)
+            else None
+        )
+        if kind and name + ".weight" in stored:
+            kinds[name + ".weight"] = kind
+    return kinds
+
+
+def test_cache_key_includes_the_stored_weight_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkpoints with one config.json but different stored weights get their own entries (each checkpoint's
+    facts name only the weights it stores), in either order."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "full", safe_serialization=True)
+    sd = {}
+    for f in (tmp_path / "full").glob("*.safetensors"):
+        sd.update(load_file(f))
+    dropped = {"lm_head.weight", "model.layers.0.mlp.down_proj.weight"}
+    assert dropped <= set(sd)
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if k not in dropped}, str(tmp_path / "part" / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    ckpts = [open_checkpoint(tmp_path / "full"), open_checkpoint(tmp_path / "part")]
+    want = [_class_kinds(model, set(c.weight_map)) for c in ckpts]
+    assert want[0] != want[1] and set(want[0]) - set(want[1]) == dropped
+    for order, folder in (((0, 1), "c1"), ((1, 0), "c2")):
+        monkeypatch.setenv("ADAPTERMERGE_CACHE", str(tmp_path / folder))
+        for _ in range(2):  # the first pass writes the entries, the second reads them
+            for i in order:
+                arch._facts.cache_clear()
+                assert arch.weight_layouts(ckpts[i]).kinds == want[i], (order, i)
+        assert len(list((tmp_path / folder / "model-facts").iterdir())) == 2
+
+
+def test_cache_key_includes_the_transformers_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry written under another transformers version is not read: here that version's (tampered) answer
+    says every weight is an embedding, and the facts still come from this version's class."""
+    import importlib.metadata
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    ckpt = open_checkpoint(tmp_path / "base")
+    want = _class_kinds(model, set(ckpt.weight_map))
+    monkeypatch.setenv("ADAPTERMERGE_CACHE", str(tmp_path / "cache"))
+    real = importlib.metadata.version
+    with monkeypatch.context() as m:
+        m.setattr(importlib.metadata, "version", lambda d: "0.0.1-other" if d == "transformers" else real(d))
+        arch._facts.cache_clear()
+        assert arch.weight_layouts(ckpt).kinds == want
+    (entry,) = (tmp_path / "cache" / "model-facts").iterdir()
+    data = json.loads(entry.read_text())
+    data["kinds"] = {k: "embedding" for k in data["kinds"]}
+    entry.write_text(json.dumps(data))
+    arch._facts.cache_clear()
+    assert arch.weight_layouts(ckpt).kinds == want
+    assert len(list((tmp_path / "cache" / "model-facts").iterdir())) == 2
+    arch._facts.cache_clear()

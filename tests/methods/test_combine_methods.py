@@ -107,3 +107,29 @@ def test_dense_results_are_not_saved_as_adapters(trio, tmp_path: Path) -> None:
     m = adaptermerge.combine(list(trio), method="ties", dense=True)
     with pytest.raises(adaptermerge.UsageError, match="dense result"):
         adaptermerge.save_adapter(m, tmp_path / "x")
+
+
+def test_recipe_replays_the_method_parameters(trio, tmp_path: Path) -> None:
+    """Falsy values (gamma 0, normalize false) and non-defaults reach the method, the recipe records them, and a
+    replay of the recipe gives the same bytes; the result is the dense breadcrumbs-TIES reference on PEFT's deltas
+    (gamma 0: no outlier dropped, so the masks are the top-density magnitudes; plain sum without normalize)."""
+    import yaml
+
+    from adaptermerge.recipe import RECIPE_NAME, load_recipe, recipe_arguments
+
+    weights = [0.5, 0.3, 0.2]
+    params = dict(density=0.4, gamma=0.0, normalize=False)
+    m = adaptermerge.combine(list(trio), weights, method="breadcrumbs_ties", rank=10_000, **params)
+    ds = deltas_of(list(trio))
+    for name, lr in m.modules.items():
+        present = [(w, d[name].double()) for w, d in zip(weights, ds, strict=True) if name in d]
+        masked = [d * reference_topk(d.abs(), round(0.4 * d.numel())) for _, d in present]
+        want = reference_ties(masked, [w for w, _ in present], normalize=False)
+        assert rel_err(lr.delta(torch.float64), want) < 1e-5, name
+    out = adaptermerge.save_combined(m, tmp_path / "out")
+    recorded = yaml.safe_load((out / RECIPE_NAME).read_text())["parameters"]
+    assert {k: recorded[k] for k in params} == params and recorded["lambda"] == 1.0
+    replay = adaptermerge.combine(**recipe_arguments(load_recipe(out / RECIPE_NAME), out / RECIPE_NAME))
+    assert replay.provenance["params"] == m.provenance["params"]
+    for name, lr in m.modules.items():
+        assert torch.equal(replay.modules[name].A, lr.A) and torch.equal(replay.modules[name].B, lr.B), name

@@ -110,6 +110,40 @@ def test_core_space_depends_on_the_deltas_only(terms, seed):
     assert rel(b.B @ b.A, a.B @ a.A) < 1e-7
 
 
+def _eig_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(m)
+    return vals.flip(0), vecs.flip(1)
+
+
+def _gram_roots(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d d^T)^(1/2) = U S U^T`` and ``(d^T d)^(1/2) = V S V^T`` from the dense SVD of ``d``."""
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    k = int((s > 1e-12 * s[0]).sum())
+    u, s, v = u[:, :k], s[:k], vh[:k].T
+    return (u * s) @ u.T, (v * s) @ v.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_core_space_bases_are_the_singular_vectors_of_the_stacked_factors(seed):
+    """Against a dense reference: with every task balanced (B_i = U_i S_i^(1/2)), the stacked B's left singular
+    vectors are the eigenvectors of sum_i (delta_i delta_i^T)^(1/2), the stacked A's right singular vectors those
+    of sum_i (delta_i^T delta_i)^(1/2) (Panariello et al., 2025); the cores are U^T delta_i V."""
+    g = gen(seed)
+    mods = [LowRank(A=torch.randn(r, 12, generator=g, dtype=torch.float64),
+                    B=torch.randn(10, r, generator=g, dtype=torch.float64)) for r in (2, 3)]  # fmt: skip
+    deltas = [m.B @ m.A for m in mods]
+    core = core_space(mods)
+    roots = [_gram_roots(d) for d in deltas]
+    for basis, side in ((core.left, 0), (core.right, 1)):
+        vals, vecs = _eig_desc(sum(r[side] for r in roots))
+        k = int((vals > 1e-9 * vals[0]).sum())
+        assert k == 5 and basis.shape[1] == 5
+        overlap = (basis.T @ vecs[:, :k]).abs()  # singular vectors up to sign: |U^T E| = I
+        torch.testing.assert_close(overlap, torch.eye(k, dtype=torch.float64), atol=1e-8, rtol=0)
+    for d, rep in zip(deltas, core.reps):
+        torch.testing.assert_close(rep, core.left.T @ d @ core.right, atol=1e-10, rtol=0)
+
+
 def test_elementwise_methods_differ_across_spaces_by_design():
     g = gen(0)
     terms = [(0.5, LowRank(A=torch.randn(4, 24, generator=g), B=torch.randn(20, 4, generator=g))) for _ in range(3)]

@@ -161,6 +161,19 @@ def test_ties_hand_checked():
     assert out.tolist() == [2.0, -1.5, 0.0, 3.0]
 
 
+def test_ties_zero_sum_elects_plus_like_mergekit():
+    """Where the weighted task vectors cancel exactly, the elected sign is + (mergekit's ``get_mask``:
+    ``sign = (sign_weight >= 0) * 2 - 1``): the positive entries are kept and the negative ones dropped."""
+    x = torch.tensor([[1.5, -2.0, 0.25], [-0.5, 3.0, -1.0]], dtype=torch.float64)
+    for name in TIES_LIKE:  # x - x = 0 exactly everywhere: each entry keeps the task whose entry is positive
+        out = BY_NAME[name].fn([x, -x], [1.0, 1.0], IDENTITY_PARAMS[name], gen(0))
+        assert torch.equal(out, x.abs()), name
+    # 2 * x + 1 * (-2 x) = 0: x > 0 keeps task 1 (2x / 2), x < 0 keeps task 2 (-2x / 1)
+    out = ties([x, -2 * x], [2.0, 1.0], TiesParams(density=1.0))
+    assert torch.equal(out, torch.where(x > 0, x, -2 * x))
+    torch.testing.assert_close(out, reference_ties([x, -2 * x], [2.0, 1.0]), rtol=0, atol=0)
+
+
 def test_ties_negative_weight_keeps_its_sign():
     """One adapter at weight -1: the disjoint mean divides by |w| and returns -delta (mergekit's signed divisor
     would return +delta)."""

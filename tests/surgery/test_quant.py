@@ -291,3 +291,32 @@ def test_float_quant_storage_merges_like_uint8(work: Path, storage: torch.dtype)
         load_file(str(deq_ref / "model.safetensors")),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _offsets(path: Path) -> list[str]:
+    """Tensor names in the order of their bytes in a safetensors file."""
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda k: header[k]["data_offsets"][0])
+
+
+def test_group_members_written_together(work: Path) -> None:
+    """safetensors stores a transformers NF4 checkpoint's float32 statistics first and the uint8 codes later; the
+    merge writes each re-quantized group's members next to each other (so it holds at most one group in memory)
+    and the result still loads in transformers with every tensor present."""
+    base = quantized(work, "nf4", True)
+    out = work / "out-order"
+    merge_into_base(base, work / "adapter", out)
+
+    def runs(order: list[str]) -> int:  # how many separate runs the members of the merged groups form
+        groups = [next((g for g in merged if k.startswith(g + ".") or k == g), None) for k in order]
+        return sum(1 for i, g in enumerate(groups) if g is not None and (i == 0 or groups[i - 1] != g))
+
+    kinds = {"q_proj": "self_attn", "v_proj": "self_attn", "down_proj": "mlp"}
+    merged = [f"model.layers.{i}.{kinds[m]}.{m}.weight" for i in range(3) for m in TARGETS]
+    before, after = _offsets(base / "model.safetensors"), _offsets(out / "model.safetensors")
+    assert runs(before) > len(merged)  # the base interleaves the groups' members
+    assert runs(after) == len(merged) and sorted(before) == sorted(after)
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(base / "model.safetensors")).keys()
+    AutoModelForCausalLM.from_pretrained(out, device_map="cpu")

@@ -1,0 +1,200 @@
+"""Merges that keep every task, on the demo's tasks: every method at its defaults, RegMean, and ``tune``.
+
+The demo's base and its three task adapters (reverse, upper-case, Caesar shift; r=8, all linear layers) are built
+(``adaptermerge.demo``, about a minute) or reused (``--demo DIR``, a folder ``adaptermerge demo`` wrote). Then:
+
+1. a few fresh examples per task (``--examples``, seed 3: neither the adapters' training rows, seed 1, nor the
+   evaluation rows, seed 2) are written: the only task data RegMean and ``tune`` see;
+2. every registry method is combined at its defaults (equal weights summing to 1), RegMean with those examples;
+3. ``tune`` runs in three settings by default (adapter weights with the loss, layer-group weights with the loss,
+   adapter weights with per-character accuracy; ``--settings`` also offers layer-group weights with per-character
+   accuracy), each timed on the wall clock with ``--threads`` torch threads;
+4. everything is scored by :func:`adaptermerge.evaluate` on the demo's 64 evaluation rows per task (never seen by
+   any merge), with retention against each task's own adapter: per-character accuracy ``score / own score``;
+   loss ``(base - merge) / (base - own)``, the share of the adapter's improvement kept.
+
+The goal (issue 14): a merge that keeps at least 90% of every task adapter's own score (per-character accuracy
+retention >= 0.9 on every task; the loss retention is printed beside it), found in under 10 minutes on 2 CPU
+cores. The script prints each tuned merge's verdict and exits 1 when none meets the goal.
+
+    python benchmarks/bench_tune.py                         # builds the demo (about 3 min in all, 1 thread)
+    python benchmarks/bench_tune.py --demo ./adaptermerge-demo --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+TASKS = ("reverse", "upper", "shift")
+GOAL_RETENTION = 0.9
+GOAL_SECONDS = 600.0
+SETTINGS = {  # label -> tune() settings
+    "tuned adapter/loss": {"granularity": "adapter", "metric": "loss"},
+    "tuned layer-group/loss": {"granularity": "layer-group", "metric": "loss"},
+    "tuned adapter/char": {"granularity": "adapter", "metric": "char"},
+    "tuned layer-group/char": {"granularity": "layer-group", "metric": "char"},
+}
+DEFAULT_SETTINGS = "tuned adapter/loss,tuned layer-group/loss,tuned adapter/char"
+
+
+def log(msg: str) -> None:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"[load {load:.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+def demo_inputs(demo: Path | None, work: Path) -> Path:
+    """A folder with ``base/``, ``adapters/TASK`` and ``data/TASK-eval.jsonl``: the given demo, or one built here."""
+    if demo is not None:
+        for p in [demo / "base", *(demo / "adapters" / t for t in TASKS), *(demo / "data" / f"{t}-eval.jsonl" for t in TASKS)]:  # fmt: skip
+            if not p.exists():
+                sys.exit(f"error: {p} is missing; pass a folder that `adaptermerge demo` wrote")
+        return demo
+    from adaptermerge.demo import FULL, teach_base, train_task_adapters
+
+    root = work / "demo"
+    t = time.perf_counter()
+    base, _ = teach_base(root, FULL)
+    train_task_adapters(root, base, FULL)
+    log(f"built the demo's base and adapters in {time.perf_counter() - t:.1f} s")
+    return root
+
+
+def defaults(demo: Path, few: dict[str, Path], work: Path) -> dict[str, Path]:
+    """Every registry method at its defaults; RegMean on the few examples."""
+    from adaptermerge.combination import combine, save_combined
+    from adaptermerge.errors import AdapterMergeError
+    from adaptermerge.methods.registry import get_method, method_names
+
+    out: dict[str, Path] = {}
+    for name in method_names():
+        data = {"base": demo / "base", "tasks": few} if get_method(name).data else {}
+        try:
+            res = combine([demo / "adapters" / t for t in TASKS], method=name, **data)
+        except AdapterMergeError as e:
+            log(f"{name} refused: {e}")
+            continue
+        out[name] = save_combined(res, work / "defaults" / name)
+    return out
+
+
+def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from adaptermerge.tuning import tune
+
+    runs = {}
+    for label in args.settings.split(","):
+        kw = SETTINGS[label]
+        t = time.perf_counter()
+        res = tune(
+            demo / "base", [demo / "adapters" / t for t in TASKS], few, methods=args.methods.split(","),
+            budget=args.budget, seed=args.seed, out=work / "tuned" / label.replace("/", "-"), **kw,
+        )  # fmt: skip
+        wall = time.perf_counter() - t
+        runs[label] = {"result": res, "wall_s": wall, "path": res.output / "adapter"}
+        log(f"{label}: {res.best.method} {res.best.weights} {res.best.params} in {wall:.1f} s")
+    return runs
+
+
+def summarize(report: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = {}
+    for model in report.models:  # the base too: its char "retention" is the floor the merges start from
+        char = report.retention["char"][model]
+        loss = report.retention["loss"][model]
+        rows[model] = {
+            "char_retention": char, "loss_retention": loss, "min_char_retention": min(char.values()),
+            "char": report.scores["char"][model], "loss": report.scores["loss"][model],
+        }  # fmt: skip
+    verdicts = {}
+    for label, run in runs.items():
+        r = rows[label]
+        keeps = r["min_char_retention"] >= GOAL_RETENTION
+        fast = run["wall_s"] < GOAL_SECONDS
+        verdicts[label] = {
+            "keeps_every_task": keeps,
+            "under_10_min": fast,
+            "met": keeps and fast,
+            "wall_s": run["wall_s"],
+        }
+    return {"rows": rows, "verdicts": verdicts}
+
+
+def print_table(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    head = f"{'model':28s} " + " ".join(f"{t + ' char':>13s}" for t in TASKS) + " " + " ".join(f"{t + ' loss':>13s}" for t in TASKS)  # fmt: skip
+    print(head + f" {'min char':>9s}")
+    for model, r in summary["rows"].items():
+        cells = [f"{r['char_retention'][t]:13.1%}" for t in TASKS] + [f"{r['loss_retention'][t]:13.1%}" for t in TASKS]
+        print(f"{model:28s} " + " ".join(cells) + f" {r['min_char_retention']:9.1%}")
+    print()
+    for label, v in summary["verdicts"].items():
+        best = runs[label]["result"].best
+        print(
+            f"{label}: winner {best.method}, {v['wall_s']:.1f} s -> keeps >= {GOAL_RETENTION:.0%} of every task: "
+            f"{'yes' if v['keeps_every_task'] else 'no'} (lowest {summary['rows'][label]['min_char_retention']:.1%}); "
+            f"under 10 min: {'yes' if v['under_10_min'] else 'no'}; goal {'MET' if v['met'] else 'NOT met'}"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, help="reuse a folder `adaptermerge demo` wrote")
+    ap.add_argument("--examples", type=int, default=32, help="examples per task given to RegMean and tune")
+    ap.add_argument("--budget", type=int, default=150, help="tune's evaluations per setting")
+    ap.add_argument("--methods", default="linear,ties,regmean", help="tune's methods")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--settings", default=DEFAULT_SETTINGS, help=f"tune settings, comma-separated, of: {', '.join(SETTINGS)}"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    if unknown := set(args.settings.split(",")) - set(SETTINGS):
+        ap.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from adaptermerge.evaluation import evaluate
+    from adaptermerge.synthetic import make_examples, write_jsonl
+
+    work = Path(tempfile.mkdtemp(prefix="bench_tune_"))
+    log(f"work folder {work}; torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs")
+    demo = demo_inputs(args.demo, work)
+    few = {t: write_jsonl(work / "few" / f"{t}.jsonl", make_examples(t, args.examples, seed=3)) for t in TASKS}
+    t = time.perf_counter()
+    merges = defaults(demo, few, work)
+    log(f"{len(merges)} methods at their defaults in {time.perf_counter() - t:.1f} s")
+    runs = run_tune(demo, few, work, args)
+    models = [(t, demo / "adapters" / t) for t in TASKS]
+    models += [(f"{n} defaults", p) for n, p in merges.items()] + [(label, r["path"]) for label, r in runs.items()]
+    tasks = {t: demo / "data" / f"{t}-eval.jsonl" for t in TASKS}
+    report = evaluate(demo / "base", models, tasks, metrics=["loss", "char"], batch_size=64, max_length=48)
+    summary = summarize(report, runs)
+    print_table(summary, runs)
+    if args.json:
+        out = {
+            "settings": vars(args) | {"demo": str(args.demo) if args.demo else None, "json": str(args.json)},
+            "threads": torch.get_num_threads(), "evaluation": report.to_dict(), **summary,
+            "tune": {label: r["result"].to_dict() for label, r in runs.items()},
+        }  # fmt: skip
+        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if any(v["met"] for v in summary["verdicts"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
