@@ -310,13 +310,22 @@ def bench_svd(dim: int, n_modules: int, rank: int, repeats: int, peft_repeats: i
 
 
 def write_llama_adapter(
-    folder: Path, n_layers: int, r: int, alpha: int, seed: int, dtype: torch.dtype
+    folder: Path,
+    n_layers: int,
+    r: int,
+    alpha: int,
+    seed: int,
+    dtype: torch.dtype,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Path, int]:
-    """Write a PEFT-format LoRA folder with Llama-7B shapes directly (no 7B model is built)."""
+    """Write a PEFT-format LoRA folder with Llama-7B shapes directly (no 7B model is built).
+
+    ``shapes`` (module -> (out, in) per decoder layer) replaces the Llama-7B shapes, for smaller smoke tests.
+    """
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for i in range(n_layers):
-        for mod, (out, inn) in LLAMA_7B.items():
+        for mod, (out, inn) in (shapes or LLAMA_7B).items():
             key = f"base_model.model.model.layers.{i}.{mod}"
             sd[f"{key}.lora_A.weight"] = (torch.randn(r, inn, generator=g) / inn**0.5).to(dtype)
             sd[f"{key}.lora_B.weight"] = (torch.randn(out, r, generator=g) * 0.01).to(dtype)
