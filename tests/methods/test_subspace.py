@@ -260,11 +260,16 @@ def test_wudi_is_the_least_norm_minimiser(terms):
     y = sum(t.T @ t / t.norm() ** 2 for t in taus)
     x = sum(t @ t.T @ t / t.norm() ** 2 for t in taus)
     scale = float(x.norm())
-    assert float((d @ y - x).norm()) < 1e-8 * scale
+    # D = X Y^+ is exact up to rounding amplified by Y's conditioning on its range (eps * cond): with nearly
+    # parallel row spaces Y is ill-conditioned and no float64 solver does better
+    ev = torch.linalg.eigvalsh(y)
+    live = ev[ev > y.shape[0] * torch.finfo(torch.float64).eps * ev.max()]
+    tol = max(1e-8, 1e2 * torch.finfo(torch.float64).eps * float(live.max() / live.min()))
+    assert float((d @ y - x).norm()) < tol * scale
     proj = y @ torch.linalg.pinv(y, hermitian=True)
-    assert rel(d @ proj, d) < 1e-8
+    assert rel(d @ proj, d) < tol
     b, a = wudi(terms, WudiParams())
-    assert rel(b @ a, d) < 1e-8
+    assert rel(b @ a, d) < tol
 
 
 # --------------------------------------------------------------------------------------------- all methods
