@@ -396,8 +396,8 @@ def hash_cost_child(base: str, adapter: str, out: str) -> None:
                                   "merge_without_s": walls["without"]}), flush=True)  # fmt: skip
 
 
-def profile_child(base: str, adapter: str, out: str) -> None:
-    """Import time, then ``merge_into_base`` under cProfile: where the time goes."""
+def profile_child(base: str, adapter: str, out: str, top: int = 12) -> None:
+    """Import time, then ``merge_into_base`` under cProfile: where the time goes (the ``top`` functions)."""
     import cProfile
     import pstats
 
@@ -412,7 +412,7 @@ def profile_child(base: str, adapter: str, out: str) -> None:
     t2 = time.perf_counter()
     print(f"  import {t1 - t0:.2f} s, merge_into_base {t2 - t1:.2f} s (profiled); top functions by own time:")
     stats = pstats.Stats(prof)
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     for (file, line, fn), (_, calls, own, cum, _) in rows:
         where = fn if file == "~" else f"{Path(file).name}:{line}({fn})"
         print(f"    {own:7.2f} s own {cum:7.2f} s cum {calls:6d} calls  {where}")

@@ -184,25 +184,8 @@ def library_child(base: str, adapter: str, out: str, report: str) -> None:
 
 
 def profile_child(base: str, adapter: str, out: str) -> None:
-    """Import time, then ``merge_into_base`` under cProfile: where the time goes."""
-    import cProfile
-    import pstats
-
-    t0 = time.perf_counter()
-    from adaptermerge.surgery.merge import merge_into_base
-
-    t1 = time.perf_counter()
-    prof = cProfile.Profile()
-    prof.enable()
-    merge_into_base(base, adapter, out)
-    prof.disable()
-    t2 = time.perf_counter()
-    print(f"  import {t1 - t0:.2f} s, merge_into_base {t2 - t1:.2f} s (profiled); top functions by own time:")
-    stats = pstats.Stats(prof)
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:16]
-    for (file, line, fn), (_, calls, own, cum, _) in rows:
-        where = fn if file == "~" else f"{Path(file).name}:{line}({fn})"
-        print(f"    {own:7.2f} s own {cum:7.2f} s cum {calls:6d} calls  {where}")
+    """``bench_merge.profile_child`` with the 16 functions of most own time."""
+    bm.profile_child(base, adapter, out, top=16)
 
 
 def contenders(base: Path, adapter: Path, outs: dict[str, Path]) -> dict[str, list[str]]:
