@@ -12,6 +12,16 @@ The objective (lower is better) is LoraHub's, on the tuning part of every task f
 
 The small pull towards zero weights (``l1``, LoraHub's 0.05) prefers the simpler of two merges that score alike.
 
+``objective="worst"`` scores a candidate by the task it serves worst instead, which is what "keep every task"
+asks for. Each task's own adapter and the base are scored once on the tuning rows first, and a task's kept share is
+``score / own`` for an accuracy and ``(base - loss) / (base - own)`` for the loss (the share of the adapter's
+improvement over the base; 1 when the adapter does not improve on the base there and the merge is no worse)::
+
+    objective = 1 - min over tasks of kept(task) + l1 * mean |w|
+
+The mean lets a search trade one task for another (a winner that keeps 91% of one task and 69% of another);
+the worst-task objective does not.
+
 Search space, in coordinates scaled to [0, 1] for CMA-ES (``sigma0 = 0.25``, starting from the method's defaults):
 
 - weights in ``[0, 1.5]`` (LoraHub searches ``[-1.5, 1.5]``; a negative weight subtracts a task's skill, which a
@@ -55,6 +65,7 @@ from adaptermerge.live import LiveModel
 from adaptermerge.methods.registry import Method, get_method
 
 DEFAULT_METHODS = ("linear", "ties", "regmean")
+OBJECTIVES = ("mean", "worst")
 GRANULARITIES = ("adapter", "layer-group")
 DEFAULT_BUDGET = 120
 DEFAULT_HOLDOUT = 0.3
@@ -158,6 +169,7 @@ def tune(
     seed: int = 0,
     holdout: float = DEFAULT_HOLDOUT,
     l1: float = DEFAULT_L1,
+    objective: str = "mean",
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_examples: int | None = None,
@@ -179,6 +191,8 @@ def tune(
         seed: the search's seed (the result is the same for the same seed).
         holdout: fraction of each task file kept out of the search and scored at the end (0: none).
         l1: weight of the pull towards small weights in the objective.
+        objective: ``mean`` (the mean badness over the tasks, LoraHub's) or ``worst`` (1 - the smallest share of
+            its own adapter's score that any task keeps; see the module docstring).
         out: write the winner (``out/adapter``: adapter folder with card and replayable recipe), the log of every
             candidate (``out/tune_log.json``) and the held-out table and chart (``out/tune_report.json``,
             ``out/tune_report.png``), atomically.
@@ -194,14 +208,14 @@ def tune(
         >>> res.best.method, res.best.weights, res.report.table()  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    specs = _check_call(methods, granularity, budget, metric, holdout, l1, adapters, tasks, seed)
+    specs = _check_call(methods, granularity, budget, metric, holdout, l1, adapters, tasks, seed, objective)
     pairs = _task_pairs(tasks)
     _check_output(out, base, adapters, overwrite)
     tuning, held = _split(pairs, holdout, max_examples, metric)
     loaded = _load(adapters, base)
     settings = {
         "methods": [s.name for s in specs], "granularity": granularity, "budget": budget, "metric": metric,
-        "seed": seed, "holdout": holdout, "l1": l1, "max_examples": max_examples,
+        "seed": seed, "holdout": holdout, "l1": l1, "objective": objective, "max_examples": max_examples,
         "weight_range": list(WEIGHT_RANGE), "lambda_range": list(LAMBDA_RANGE), "optimizer": "cma-es",
     }  # fmt: skip
     modules = sorted({m for a in loaded for m in a.modules})
@@ -209,6 +223,9 @@ def tune(
         stats = _statistics(live, specs, loaded, tuning, progress)
         groups = _groups(live, modules) if granularity == "layer-group" else None
         ctx = _Context(live, loaded, stats, {n: d.rows for n, d in tuning}, metric, l1, batch_size, progress)
+        if objective == "worst":
+            ctx.references = _references(ctx)
+            settings["references"] = ctx.references
         t_search = time.perf_counter()
         candidates = _search_all(ctx, specs, groups, budget, seed)
         search_seconds = time.perf_counter() - t_search
@@ -241,6 +258,7 @@ def _check_call(
     adapters: Sequence[Any],
     tasks: Any,
     seed: int,
+    objective: str = "mean",
 ) -> list[Method]:
     """Refuse impossible settings before anything is read."""
     if isinstance(methods, str):
@@ -260,6 +278,8 @@ def _check_call(
         raise UsageError(f"`holdout` must be in [0, 1), got {holdout}")
     if not (l1 >= 0.0 and math.isfinite(l1)):
         raise UsageError(f"`l1` must be a finite number >= 0, got {l1}")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"`objective` must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if int(seed) != seed or seed < 0:
         raise UsageError(f"`seed` must be a non-negative integer, got {seed}")
     if len(adapters) < 2:
@@ -366,6 +386,17 @@ class _Context:
     batch_size: int
     progress: bool
     candidates: list[Candidate] = field(default_factory=list)
+    references: dict[str, dict[str, float]] | None = None  # objective "worst": each task's base and own scores
+
+
+def _references(ctx: _Context) -> dict[str, dict[str, float]]:
+    """Each task's score on its tuning rows with the base alone and with the task's own adapter."""
+    base = score_candidate(ctx.live, None, ctx.rows, ctx.metric, ctx.batch_size)
+    refs = {}
+    for (name, rows), adapter in zip(ctx.rows.items(), ctx.adapters, strict=True):
+        own = score_candidate(ctx.live, adapter, {name: rows}, ctx.metric, ctx.batch_size)[name]
+        refs[name] = {"base": base[name], "own": own}
+    return refs
 
 
 def search_space(spec: Method, n_adapters: int, groups: list[LayerGroup] | None) -> list[Variable]:
@@ -469,7 +500,7 @@ def _evaluator(ctx: _Context, spec: Method, space: list[Variable], pbar: Any) ->
                 ctx.adapters, weights, method=spec.name, statistics=ctx.statistics if spec.data else None, **params
             )
             scores = score_candidate(ctx.live, merged, ctx.rows, ctx.metric, ctx.batch_size)
-            obj, err = objective(scores, weights, ctx.metric, ctx.l1), None
+            obj, err = objective(scores, weights, ctx.metric, ctx.l1, ctx.references), None
         except AdapterMergeError as e:  # a parameter combination the method refuses (della's density - epsilon...)
             scores, obj, err = {}, FAILED, " ".join(str(e).split())
         c = Candidate(len(ctx.candidates), spec.name, weights, params, scores, obj, time.perf_counter() - t, err)
@@ -490,11 +521,35 @@ def score_candidate(
     return score_model(live.model, live.tokenizer, rows, [metric], batch_size, DEFAULT_MAX_LENGTH)[metric]
 
 
-def objective(scores: Mapping[str, float], weights: Sequence[Any], metric: str, l1: float) -> float:
-    """Mean badness over the tasks (loss, or 1 - accuracy) plus ``l1`` times the mean |weight| (lower is better)."""
-    bad = [s if LOWER_IS_BETTER[metric] else 1.0 - s for s in scores.values()]
+def objective(
+    scores: Mapping[str, float],
+    weights: Sequence[Any],
+    metric: str,
+    l1: float,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+) -> float:
+    """Lower is better: the mean badness over the tasks (loss, or 1 - accuracy), or with ``references`` (each
+    task's ``base`` and ``own`` scores) 1 - the smallest kept share (:func:`kept_share`); plus ``l1`` times the
+    mean |weight|."""
+    if references is None:
+        bad = [s if LOWER_IS_BETTER[metric] else 1.0 - s for s in scores.values()]
+        value = sum(bad) / len(bad)
+    else:
+        value = 1.0 - min(kept_share(s, references[n]["base"], references[n]["own"], metric) for n, s in scores.items())
     flat = [abs(float(v)) for w in weights for v in (w.values() if isinstance(w, Mapping) else [w])]
-    return sum(bad) / len(bad) + l1 * sum(flat) / len(flat)
+    return value + l1 * sum(flat) / len(flat)
+
+
+def kept_share(score: float, base: float, own: float, metric: str) -> float:
+    """The share of its own adapter's score a task keeps: ``score / own`` for an accuracy, the share of the
+    adapter's improvement over the base for the loss. Where the own adapter has nothing to keep (accuracy 0, or a
+    loss no better than the base's), a merge that is no worse than it keeps everything."""
+    if not LOWER_IS_BETTER[metric]:
+        return score / own if own > 0 else (1.0 if score >= own else 0.0)
+    gain = base - own
+    if gain > 1e-12:
+        return (base - score) / gain
+    return 1.0 if score <= max(base, own) else 1.0 - (score - max(base, own)) / max(abs(base), 1e-12)
 
 
 def _winner(candidates: list[Candidate]) -> Candidate:

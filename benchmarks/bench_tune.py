@@ -45,6 +45,8 @@ SETTINGS = {  # label -> tune() settings
     "tuned layer-group/loss": {"granularity": "layer-group", "metric": "loss"},
     "tuned adapter/char": {"granularity": "adapter", "metric": "char"},
     "tuned layer-group/char": {"granularity": "layer-group", "metric": "char"},
+    "tuned adapter/char/worst": {"granularity": "adapter", "metric": "char", "objective": "worst"},
+    "tuned layer-group/char/worst": {"granularity": "layer-group", "metric": "char", "objective": "worst"},
 }
 DEFAULT_SETTINGS = "tuned adapter/loss,tuned layer-group/loss,tuned adapter/char"
 

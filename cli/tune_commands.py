@@ -55,6 +55,14 @@ def format_tune(d: dict[str, Any], summary: str) -> str:
     show_default=True,
     help="Weight of the pull towards small weights in the objective (LoraHub's 0.05).",
 )
+@click.option(
+    "--objective",
+    type=click.Choice(["mean", "worst"]),
+    default="mean",
+    show_default=True,
+    help="Score a candidate by its mean over the tasks (LoraHub's), or by the task it serves worst: 1 - the smallest "
+    "share of its own adapter's score any task keeps.",
+)
 @click.option("--max-examples", type=click.IntRange(min=1), help="Use the first N rows of each task file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Examples per batch.")
 @click.option(
@@ -75,6 +83,7 @@ def tune_cmd(
     seed: int,
     holdout: float,
     l1: float,
+    objective: str,
     max_examples: int | None,
     batch_size: int,
     device: str,
@@ -96,12 +105,14 @@ def tune_cmd(
       adaptermerge tune ./math ./code --base ./base --task math=math.jsonl --task code=code.jsonl -o ./tuned
       adaptermerge tune ./a ./b ./c --base ./base --task a=a.jsonl --task b=b.jsonl --task c=c.jsonl \\
           --methods linear,ties,tsv,regmean --granularity layer-group --budget 300 --metric char -o ./abc
+      adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --metric char --objective worst -o ./ab
     """
     from adaptermerge.tuning import tune, tune_summary
 
     result = tune(
         base, list(adapters), parse_tasks(tasks), methods=[m.strip() for m in methods.split(",") if m.strip()],
-        granularity=granularity, budget=budget, metric=metric, seed=seed, holdout=holdout, l1=l1, out=output,
+        granularity=granularity, budget=budget, metric=metric, seed=seed, holdout=holdout, l1=l1, objective=objective,
+        out=output,
         overwrite=overwrite, max_examples=max_examples, batch_size=batch_size, device=device, progress=not quiet,
     )  # fmt: skip
     d = result.to_dict()

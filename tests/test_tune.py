@@ -24,7 +24,7 @@ from adaptermerge.layers import check_weight, groups_used, layer_groups, layer_i
 from adaptermerge.live import LiveModel
 from adaptermerge.surgery.merge import torch_threads
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
-from adaptermerge.tuning import decode, objective, score_candidate, search_space, tune
+from adaptermerge.tuning import decode, kept_share, objective, score_candidate, search_space, tune
 from adaptermerge_cli.main import cli
 
 OPTIMUM = (1.25, 0.8)  # the weights of the model that wrote the tasks' answers
@@ -258,3 +258,46 @@ def test_search_space_and_decoding() -> None:
     # lower is better: loss as it is, accuracies as 1 - score; plus the pull towards small weights
     assert objective({"a": 2.0, "b": 1.0}, [1.0, {"x": -3.0}], "loss", 0.05) == pytest.approx(1.5 + 0.05 * 2.0)
     assert objective({"a": 0.75, "b": 0.25}, [0.0, 0.0], "char", 0.05) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------ worst-task objective
+
+
+@pytest.mark.parametrize(
+    "score,base,own,metric,kept",
+    [
+        (0.6, 0.3, 0.8, "char", 0.75),  # accuracy: score / own
+        (0.0, 0.0, 0.0, "char", 1.0),  # nothing to keep
+        (1.5, 2.0, 1.0, "loss", 0.5),  # loss: half the adapter's improvement over the base
+        (2.5, 2.0, 1.0, "loss", -0.5),  # worse than the base: negative
+        (2.0, 2.0, 2.0, "loss", 1.0),  # the adapter does not improve on the base; neither does the merge
+        (2.2, 2.0, 2.0, "loss", 0.9),  # ... and the merge is 10% worse than it
+    ],
+)
+def test_kept_share(score: float, base: float, own: float, metric: str, kept: float) -> None:
+    assert kept_share(score, base, own, metric) == pytest.approx(kept)
+
+
+def test_worst_objective_is_one_minus_the_smallest_kept_share() -> None:
+    refs = {"a": {"base": 0.2, "own": 0.8}, "b": {"base": 0.4, "own": 0.5}}
+    scores = {"a": 0.72, "b": 0.3}  # keeps 90% of a, 60% of b: mean badness 0.49, worst 0.4
+    assert objective(scores, [0.5, 1.0], "char", 0.0) == pytest.approx(0.49)
+    assert objective(scores, [0.5, 1.0], "char", 0.0, refs) == pytest.approx(0.4)
+    assert objective(scores, [0.5, 1.0], "char", 0.1, refs) == pytest.approx(0.4 + 0.1 * 0.75)
+
+
+def test_tune_with_the_worst_objective_scores_against_each_tasks_own_adapter(work: Path) -> None:
+    res = tune(work / "base", [work / "a", work / "b"], _tasks(work), methods=["linear"], budget=12,
+               metric="char", l1=0.0, holdout=0.0, seed=0, objective="worst")  # fmt: skip
+    refs = res.settings["references"]
+    assert res.settings["objective"] == "worst" and set(refs) == {"reverse", "upper"}
+    own = evaluate(work / "base", [("reverse", work / "a"), ("upper", work / "b")], _tasks(work), metrics=["char"])
+    for task in ("reverse", "upper"):  # the references are the task's own adapter and the base, scored by evaluate
+        assert refs[task]["own"] == own.scores["char"][task][task]
+        assert refs[task]["base"] == own.scores["char"]["base"][task]
+    for c in res.candidates:  # every candidate's objective is 1 - its smallest kept share
+        shares = [c.scores[t] / refs[t]["own"] for t in refs]
+        assert c.objective == pytest.approx(1.0 - min(shares))
+    assert res.best.objective == min(c.objective for c in res.candidates)
+    with pytest.raises(UsageError, match="`objective` must be one of"):
+        tune(work / "base", [work / "a", work / "b"], _tasks(work), objective="median")
