@@ -538,8 +538,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "untied-head-takes-stored-change",
         "adaptermerge/surgery/plan.py",
-        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))",
-        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(stored), adapter, absent))",
+        "jobs.append(_job(out, d.ckpt.weight_map[stored], info, d.changes.get(absent), d.adapter, absent))",
+        "jobs.append(_job(out, d.ckpt.weight_map[stored], info, d.changes.get(stored), d.adapter, absent))",
         (
             "tests/surgery/test_plan.py::test_plan_unties_a_tied_head_with_its_own_job",
             "tests/surgery/test_merge.py::test_tied_checkpoints_behave_like_the_trained_peft_model",
@@ -549,8 +549,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "untied-head-change-lost",
         "adaptermerge/surgery/plan.py",
-        "jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))",
-        "jobs.append(_job(out, ckpt.weight_map[stored], info, None, adapter, absent))",
+        "jobs.append(_job(out, d.ckpt.weight_map[stored], info, d.changes.get(absent), d.adapter, absent))",
+        "jobs.append(_job(out, d.ckpt.weight_map[stored], info, None, d.adapter, absent))",
         ("tests/surgery/test_merge.py::test_tied_checkpoints_behave_like_the_trained_peft_model",),
         "an untied head is written as the shared tensor without its own LoRA delta (merged not at all)",
     ),

@@ -270,7 +270,7 @@ def plan_merge(
     _add_token_changes(ckpt, adapter, changes, ties, groups, lambda n: map_name(n, strip, add) + ".weight")
     quantized = _check_shapes(ckpt, adapter, modules, groups, quant_specs or {}, ties)
     untie = _untie(ties, changes, adapter)
-    shards = _shard_jobs(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype)
+    shards = _shard_jobs(_Decided(ckpt, adapter, changes, extras, ties, untie, rename, groups, out_dtype))
     warnings = [f"added {j.out.name} from the adapter's modules_to_save (the base has no such tensor)"
                 for s in shards for j in s.jobs if j.action is Action.ADD]  # fmt: skip
     if untie:
@@ -357,43 +357,52 @@ def _check_shapes(
     return quantized
 
 
-def _shard_jobs(
-    ckpt: Checkpoint,
-    adapter: Adapter,
-    changes: dict[str, _Change],
-    extras: dict[str, str],
-    ties: _Ties,
-    untie: bool,
-    rename: tuple[str, str],
-    groups: dict[str, list[str]],
-    out_dtype: str | None,
-) -> list[ShardPlan]:
+@dataclass(frozen=True)
+class _Decided:
+    """What the planner has decided before it lays out the jobs: each checkpoint key's change, the tie groups and
+    whether they are untied, the output's naming (``rename``), the 4-bit groups and the output dtype."""
+
+    ckpt: Checkpoint
+    adapter: Adapter
+    changes: dict[str, _Change]
+    extras: dict[str, str]
+    ties: _Ties
+    untie: bool
+    rename: tuple[str, str]
+    groups: dict[str, list[str]]
+    out_dtype: str | None
+
+    def stored(self, name: str, dtype: str, shape: tuple[int, ...], convert: bool = True) -> PlannedTensor:
+        """The output tensor for checkpoint key ``name``: renamed, and converted to ``out_dtype`` if floating."""
+        if convert and self.out_dtype and dtype in FLOAT_DTYPES:
+            dtype = self.out_dtype
+        return PlannedTensor(self.rename[1] + name, dtype, shape)
+
+
+def _shard_jobs(d: _Decided) -> list[ShardPlan]:
     """One job per output tensor, in the source order; tensors the base lacks go at the end of the last shard."""
-    keys = set(ckpt.weight_map)
-    member_of = {m: w for w, ms in groups.items() for m in ms}
-    tied_stored = {k for g in ties.groups for k in g if k in keys}
+    keys = set(d.ckpt.weight_map)
+    member_of = {m: w for w, ms in d.groups.items() for m in ms}
+    tied_stored = {k for g in d.ties.groups for k in g if k in keys}
     shards: list[ShardPlan] = []
-    files = list(ckpt.shards)
+    files = list(d.ckpt.shards)
     for fi, f in enumerate(files):
-        header = ckpt.shards[f]
+        header = d.ckpt.shards[f]
         jobs: list[Job] = []
         for name, info in header.tensors.items():
-            dtype = info.dtype
-            if out_dtype and dtype in FLOAT_DTYPES and name not in member_of:
-                dtype = out_dtype
-            out = PlannedTensor(rename[1] + name, dtype, info.shape)
+            out = d.stored(name, info.dtype, info.shape, convert=name not in member_of)
             if name in member_of:
                 w = member_of[name]
-                ch = changes.get(w) or _Change()
+                ch = d.changes.get(w) or _Change()
                 action = Action.QUANT if (ch.module or ch.replace) else Action.COPY
                 jobs.append(Job(out, action, f, info, ch.module, extra_key=ch.replace, group=w))
                 continue
-            change = changes.get(name)
-            if name in tied_stored and not untie:
-                change = _tied_change(name, ties, changes)
-            jobs.append(_job(out, f, info, change, adapter, name))
+            change = d.changes.get(name)
+            if name in tied_stored and not d.untie:
+                change = _tied_change(name, d.ties, d.changes)
+            jobs.append(_job(out, f, info, change, d.adapter, name))
         if fi == len(files) - 1:
-            jobs += _added_jobs(ckpt, adapter, changes, extras, ties, untie, rename, out_dtype)
+            jobs += _added_jobs(d)
         shards.append(ShardPlan(f, jobs, dict(header.metadata) or {"format": "pt"}))
     return shards
 
@@ -426,33 +435,23 @@ def _job(
     return Job(out, Action.REPLACE, f, info, extra_key=change.replace)
 
 
-def _added_jobs(
-    ckpt: Checkpoint,
-    adapter: Adapter,
-    changes: dict[str, _Change],
-    extras: dict[str, str],
-    ties: _Ties,
-    untie: bool,
-    rename: tuple[str, str],
-    out_dtype: str | None,
-) -> list[Job]:
+def _added_jobs(d: _Decided) -> list[Job]:
     """Tensors the base does not store: untied members of tied groups, and heads from ``modules_to_save``."""
     from adaptermerge.dtypes import TORCH_TO_ST
 
-    keys = set(ckpt.weight_map)
+    keys = set(d.ckpt.weight_map)
     jobs: list[Job] = []
-    if untie:
-        for absent, stored in ties.alias.items():
-            info = ckpt.info(stored)
-            dtype = out_dtype if (out_dtype and info.dtype in FLOAT_DTYPES) else info.dtype
-            out = PlannedTensor(rename[1] + absent, dtype, info.shape)
-            jobs.append(_job(out, ckpt.weight_map[stored], info, changes.get(absent), adapter, absent))
-    for name, k in extras.items():
-        if name in keys or name in ties.alias:
+    if d.untie:
+        for absent, stored in d.ties.alias.items():
+            info = d.ckpt.info(stored)
+            out = d.stored(absent, info.dtype, info.shape)
+            jobs.append(_job(out, d.ckpt.weight_map[stored], info, d.changes.get(absent), d.adapter, absent))
+    for name, k in d.extras.items():
+        if name in keys or name in d.ties.alias:
             continue
-        t = adapter.extra_tensors[k]
-        dtype = out_dtype if (out_dtype and t.is_floating_point()) else TORCH_TO_ST[t.dtype]
-        jobs.append(Job(PlannedTensor(rename[1] + name, dtype, tuple(t.shape)), Action.ADD, extra_key=k))
+        t = d.adapter.extra_tensors[k]
+        dtype = d.out_dtype if (d.out_dtype and t.is_floating_point()) else TORCH_TO_ST[t.dtype]
+        jobs.append(Job(PlannedTensor(d.rename[1] + name, dtype, tuple(t.shape)), Action.ADD, extra_key=k))
     return jobs
 
 
