@@ -1,0 +1,44 @@
+"""The tune benchmark's base presets and ``--set`` overrides build the settings they name, and refuse what they
+do not know (the benchmark's figures in docs/benchmarks.md depend on these settings)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_tune():
+    spec = importlib.util.spec_from_file_location("bench_tune", ROOT / "benchmarks" / "bench_tune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_presets_and_overrides() -> None:
+    from adaptermerge.demo import FULL
+
+    mod = bench_tune()
+    assert mod.demo_settings("demo", []) == FULL
+    larger = mod.demo_settings("larger", ["eval_rows=200", "base_task_share=0.005"])
+    assert (larger.hidden, larger.layers, larger.base_steps) == (128, 4, 2000)
+    assert larger.eval_rows == 200 and isinstance(larger.eval_rows, int)
+    assert larger.base_task_share == 0.005 and larger.rank == FULL.rank
+
+
+@pytest.mark.parametrize("item", ["hiddn=128", "hidden", "layers=two"])
+def test_bad_override_is_refused(item: str) -> None:
+    with pytest.raises(SystemExit):
+        bench_tune().demo_settings("demo", [item])
+
+
+def test_undefined_retention_is_shown_not_fatal() -> None:
+    """Where a task's own adapter is no better than the base (a base that already solves it), its retention is
+    undefined: the table shows "-" and the lowest retention ignores it, instead of the run failing at the end."""
+    mod = bench_tune()
+    assert mod._lowest({"a": None, "b": 0.8, "c": 0.95}) == 0.8
+    assert mod._lowest({"a": None}) is None
+    assert mod._pct(None, 5) == "    -" and mod._pct(0.5, 6) == " 50.0%"
