@@ -121,13 +121,11 @@ def joint_adapter(demo: Path, work: Path, settings: Any) -> Path:
     from dataclasses import replace
 
     from adaptermerge.demo import MARKER
-
-    if (demo / MARKER).is_file():
-        settings = replace(settings, **json.loads((demo / MARKER).read_text())["settings"])
-
     from adaptermerge.synthetic import write_jsonl
     from adaptermerge.train import train_adapter
 
+    if (demo / MARKER).is_file():
+        settings = replace(settings, **json.loads((demo / MARKER).read_text())["settings"])
     rows = [json.loads(line) for t in TASKS for line in (demo / "data" / f"{t}-train.jsonl").read_text().splitlines()]
     random.Random(5).shuffle(rows)
     data = write_jsonl(work / "joint-train.jsonl", rows)
@@ -230,7 +228,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, help="reuse a folder `adaptermerge demo` (or this script's --keep) wrote")
     ap.add_argument("--preset", choices=list(PRESETS), default="demo", help="the base and adapters to build")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a DemoSettings field to change")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DemoSettings field to change (with --demo: only for --joint, where the folder records none)",
+    )
     ap.add_argument("--joint", action="store_true", help="also train one adapter on the three tasks together")
     ap.add_argument("--examples", type=int, default=32, help="examples per task given to RegMean and tune")
     ap.add_argument("--budget", type=int, default=150, help="tune's evaluations per setting")
