@@ -628,8 +628,7 @@ def tune_summary(result: TuneResult) -> str:
     s, b = result.settings, result.best
     lines = [
         f"Searched {', '.join(s['methods'])} ({s['granularity']} weights) with CMA-ES: {len(result.candidates)} "
-        f"evaluations, seed {s['seed']}, metric {s['metric']}, objective = mean "
-        f"{'loss' if s['metric'] == 'loss' else '(1 - ' + s['metric'] + ')'} + {s['l1']:g} * mean |w|; "
+        f"evaluations, seed {s['seed']}, metric {s['metric']}, objective = {_objective_text(s)}; "
         f"search {result.search_seconds:.1f} s, total {result.seconds:.1f} s.",
         "",
         f"Winner: **{b.method}**, objective {b.objective:.4f} on the tuning rows; weights "
@@ -642,7 +641,40 @@ def tune_summary(result: TuneResult) -> str:
         result.report.table(),
         "```",
     ]
+    if worse := below_base(result.report, result.tuned_name, s["metric"]):
+        lines += [
+            "",
+            f"**Worse than the base** on the {result.report_split} rows ({s['metric']}): {', '.join(worse)}. The "
+            "merge gives up these tasks for the others; check them before you ship it.",
+        ]
     return "\n".join(lines)
 
 
-__all__ = ["Candidate", "TuneResult", "Variable", "decode", "objective", "search_space", "tune", "write_tune_output"]
+def _objective_text(settings: Mapping[str, Any]) -> str:
+    """The objective's formula as the module docstring states it, for the summary line."""
+    metric, l1 = settings["metric"], settings["l1"]
+    if settings.get("objective") == "worst":
+        return f"1 - min over tasks of the kept share of its own adapter's {metric} + {l1:g} * mean |w|"
+    return f"mean {'loss' if metric == 'loss' else '(1 - ' + metric + ')'} + {l1:g} * mean |w|"
+
+
+def below_base(report: EvalReport, model: str, metric: str) -> list[str]:
+    """The tasks on which ``model`` scores worse than the base in ``report`` (``"task (model vs base)"``): a merge
+    can meet a per-task retention target and still be worse than doing nothing on a task the base already did."""
+    scores = report.scores[metric]
+    if "base" not in scores or model not in scores:
+        return []
+    worse = []
+    for task in report.tasks:
+        got, base = scores[model].get(task), scores["base"].get(task)
+        if got is None or base is None:
+            continue
+        if got > base if LOWER_IS_BETTER[metric] else got < base:
+            worse.append(f"{task} ({got:.4g} vs base {base:.4g})")
+    return worse
+
+
+__all__ = [
+    "Candidate", "TuneResult", "Variable", "below_base", "decode", "objective", "search_space", "tune",
+    "write_tune_output",
+]  # fmt: skip

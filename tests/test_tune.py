@@ -18,13 +18,24 @@ from transformers import AutoModelForCausalLM
 from adaptermerge.combination import combine, save_combined
 from adaptermerge.data import Row, parse_lines, read_task_file
 from adaptermerge.errors import InvalidData, UsageError
-from adaptermerge.evaluation import evaluate, greedy_outputs
+from adaptermerge.evaluation import evaluate, greedy_outputs, report_from_scores
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.layers import check_weight, groups_used, layer_groups, layer_index, module_weight
 from adaptermerge.live import LiveModel
 from adaptermerge.surgery.merge import torch_threads
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
-from adaptermerge.tuning import decode, kept_share, objective, score_candidate, search_space, tune
+from adaptermerge.tuning import (
+    Candidate,
+    TuneResult,
+    below_base,
+    decode,
+    kept_share,
+    objective,
+    score_candidate,
+    search_space,
+    tune,
+    tune_summary,
+)
 from adaptermerge_cli.main import cli
 
 OPTIMUM = (1.25, 0.8)  # the weights of the model that wrote the tasks' answers
@@ -299,5 +310,33 @@ def test_tune_with_the_worst_objective_scores_against_each_tasks_own_adapter(wor
         shares = [c.scores[t] / refs[t]["own"] for t in refs]
         assert c.objective == pytest.approx(1.0 - min(shares))
     assert res.best.objective == min(c.objective for c in res.candidates)
+    assert "objective = 1 - min over tasks of the kept share" in tune_summary(res)
     with pytest.raises(UsageError, match="`objective` must be one of"):
         tune(work / "base", [work / "a", work / "b"], _tasks(work), objective="median")
+
+
+def _report(char: dict[str, dict[str, float]], loss: dict[str, dict[str, float]]) -> object:
+    kinds = {"base": "base", "a": "adapter", "b": "adapter", "tuned (linear)": "adapter"}
+    scores = {m: {"char": char[m], "loss": loss[m]} for m in char}
+    return report_from_scores(["char", "loss"], ["a", "b"], scores, kinds, examples={"a": 4, "b": 4})
+
+
+def test_below_base_names_the_tasks_a_merge_does_worse_than_the_base() -> None:
+    """The merge keeps 95% of a's own score and 90% of b's, yet on b it is worse than the plain base: a retention
+    target alone does not show that, the summary must."""
+    char = {"base": {"a": 0.2, "b": 0.95}, "a": {"a": 1.0, "b": 0.5}, "b": {"a": 0.1, "b": 1.0},
+            "tuned (linear)": {"a": 0.95, "b": 0.9}}  # fmt: skip
+    loss = {"base": {"a": 2.0, "b": 0.3}, "a": {"a": 0.1, "b": 1.0}, "b": {"a": 3.0, "b": 0.1},
+            "tuned (linear)": {"a": 2.5, "b": 0.2}}  # fmt: skip
+    report = _report(char, loss)
+    assert below_base(report, "tuned (linear)", "char") == ["b (0.9 vs base 0.95)"]
+    assert below_base(report, "tuned (linear)", "loss") == ["a (2.5 vs base 2)"]  # lower is better for the loss
+    assert below_base(report, "base", "char") == [] and below_base(report, "missing", "char") == []
+    best = Candidate(0, "linear", [0.5, 0.5], {}, {"a": 0.95, "b": 0.9}, 0.1, 0.01)
+    settings = {"methods": ["linear"], "granularity": "adapter", "seed": 0, "metric": "char", "l1": 0.05}
+    result = TuneResult(best, None, report, "held-out", [best], settings)  # type: ignore[arg-type]
+    text = tune_summary(result)
+    assert "**Worse than the base** on the held-out rows (char): b (0.9 vs base 0.95)" in text
+    assert "objective = mean (1 - char) + 0.05 * mean |w|" in text
+    char["tuned (linear)"]["b"] = 0.96
+    assert "Worse than the base" not in tune_summary(TuneResult(best, None, _report(char, loss), "held-out", [best], settings))  # type: ignore[arg-type]  # fmt: skip
