@@ -20,7 +20,9 @@ when it learns the tasks together, so the ceiling a merge of separately trained 
 
 The goal (issue 14): a merge that keeps at least 90% of every task adapter's own score (per-character accuracy
 retention >= 0.9 on every task; the loss retention is printed beside it), found in under 10 minutes on 2 CPU
-cores. The script prints each tuned merge's verdict and exits 1 when none meets the goal.
+cores. The script prints each tuned merge's verdict and exits 1 when none meets the goal. The verdict also names
+the tasks on which the merge is worse than the base: a merge can keep 90% of a task's own score and still
+be worse than no adapter on a task the base already did.
 
     python benchmarks/bench_tune.py                         # builds the demo (about 3 min in all, 1 thread)
     python benchmarks/bench_tune.py --demo ./adaptermerge-demo --json out.json
@@ -194,6 +196,8 @@ def summarize(report: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "char_retention": char, "loss_retention": loss, "min_char_retention": _lowest(char),
             "char": report.scores["char"][model], "loss": report.scores["loss"][model],
         }  # fmt: skip
+    from adaptermerge.tuning import below_base
+
     verdicts = {}
     for label, run in runs.items():
         r = rows[label]
@@ -204,6 +208,7 @@ def summarize(report: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "under_10_min": fast,
             "met": keeps and fast,
             "wall_s": run["wall_s"],
+            "below_base_char": below_base(report, label, "char"),  # the goal's ratio does not show these
         }
     return {"rows": rows, "verdicts": verdicts}
 
@@ -221,6 +226,7 @@ def print_table(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> Non
             f"{label}: winner {best.method}, {v['wall_s']:.1f} s -> keeps >= {GOAL_RETENTION:.0%} of every task: "
             f"{'yes' if v['keeps_every_task'] else 'no'} (lowest {_pct(summary['rows'][label]['min_char_retention'], 0)}); "
             f"under 10 min: {'yes' if v['under_10_min'] else 'no'}; goal {'MET' if v['met'] else 'NOT met'}"
+            + (f"; worse than the base on {', '.join(v['below_base_char'])}" if v["below_base_char"] else "")
         )
 
 
