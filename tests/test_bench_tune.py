@@ -42,3 +42,19 @@ def test_undefined_retention_is_shown_not_fatal() -> None:
     assert mod._lowest({"a": None, "b": 0.8, "c": 0.95}) == 0.8
     assert mod._lowest({"a": None}) is None
     assert mod._pct(None, 5) == "    -" and mod._pct(0.5, 6) == " 50.0%"
+
+
+def test_verdict_meets_the_ratio_and_names_the_tasks_below_the_base() -> None:
+    """A merge that keeps >= 90% of every adapter's per-character score meets the goal's letter; the verdict still
+    names the task on which it is worse than the base."""
+    from adaptermerge.evaluation import report_from_scores
+
+    mod = bench_tune()
+    char = {"base": (0.5, 0.95, 0.4), "reverse": (1.0, 0.6, 0.3), "upper": (0.4, 1.0, 0.3),
+            "shift": (0.3, 0.7, 1.0), "tuned": (0.92, 0.93, 0.95)}  # fmt: skip
+    scores = {m: {"char": dict(zip(mod.TASKS, v)), "loss": dict(zip(mod.TASKS, (1.0, 1.0, 1.0)))} for m, v in char.items()}  # fmt: skip
+    kinds = {m: "base" if m == "base" else "adapter" for m in char}
+    report = report_from_scores(["char", "loss"], mod.TASKS, scores, kinds)
+    verdict = mod.summarize(report, {"tuned": {"wall_s": 12.0}})["verdicts"]["tuned"]
+    assert verdict["met"] and verdict["keeps_every_task"] and verdict["under_10_min"]
+    assert verdict["below_base_char"] == ["upper (0.93 vs base 0.95)"]
