@@ -45,6 +45,40 @@ def make_adapter(
     return out
 
 
+def adapter_on_folder(
+    base: Path, out: Path, seed: int, targets: list[str], alpha: float = 8, b_scale: float = 1.0
+) -> Path:
+    """A rank-4 PEFT adapter with random factors on the model saved in ``base`` (a folder), saved to ``out``.
+
+    ``b_scale`` multiplies every ``lora_B``: random factors give deltas too small to change a tiny model's greedy
+    answers, and tests of task scores need deltas that do.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    if b_scale != 1.0:
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(b_scale)
+    pm.save_pretrained(out)
+    return out
+
+
+def load_benchmark(name: str) -> Any:
+    """The script ``benchmarks/NAME.py`` as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def peft_model(model_fn: Callable[..., torch.nn.Module], *adapters: Path, base_seed: int = 0) -> PeftModel:
     """Load one or more adapter folders onto a fresh base with PEFT, named a0, a1, ..."""
     base = model_fn(base_seed)

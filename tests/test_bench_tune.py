@@ -3,19 +3,13 @@ do not know (the benchmark's figures in docs/benchmarks.md depend on these setti
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import load_benchmark
 
 
 def bench_tune():
-    spec = importlib.util.spec_from_file_location("bench_tune", ROOT / "benchmarks" / "bench_tune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_tune")
 
 
 def test_presets_and_overrides() -> None:

@@ -11,13 +11,14 @@ comparison which always passes (a tolerance too loose, a result compared with it
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = [
@@ -27,10 +28,7 @@ CHECKS = [
 
 
 def device_check():
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("device_check")
 
 
 def test_device_check_dry_run_on_cpu() -> None:

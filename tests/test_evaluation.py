@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from peft import PeftModel
+from transformers import LlamaForCausalLM
 
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.evaluation import EvalReport, _retention, char_accuracy, evaluate, exact_match, parse_named
 from adaptermerge.surgery.merge import merge_into_base, torch_threads
 from adaptermerge.synthetic import char_tokenizer, make_examples, save_tiny_base, tiny_llama_config, write_jsonl
 from adaptermerge_cli.main import cli
+from tests.helpers import adapter_on_folder
 
 
 @pytest.fixture(autouse=True)
@@ -26,22 +27,14 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-def _adapter(base: Path, out: Path, seed: int, targets: list[str]) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base)
-    torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = tmp_path_factory.mktemp("evaluate")
     save_tiny_base(w / "base", init_range=0.2)
     write_jsonl(w / "upper.jsonl", make_examples("upper", 10, seed=3))
     write_jsonl(w / "shift.jsonl", make_examples("shift", 7, seed=3))
-    _adapter(w / "base", w / "upper", 1, ["q_proj", "v_proj"])
-    _adapter(w / "base", w / "shift", 2, ["o_proj", "down_proj"])
+    adapter_on_folder(w / "base", w / "upper", 1, ["q_proj", "v_proj"])
+    adapter_on_folder(w / "base", w / "shift", 2, ["o_proj", "down_proj"])
     return w
 
 
@@ -180,7 +173,7 @@ def test_refusals(work: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(hidden=128)).save_pretrained(small)
-    other = _adapter(small, tmp_path / "other", 3, ["q_proj"])
+    other = adapter_on_folder(small, tmp_path / "other", 3, ["q_proj"])
     with pytest.raises(IncompatibleAdapters, match="does not fit the base"):
         evaluate(work / "base", [other], {"upper": work / "upper.jsonl"})
     with pytest.raises(UsageError, match="at least one task"):

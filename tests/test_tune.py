@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from adaptermerge.combination import combine, save_combined
 from adaptermerge.data import Row, parse_lines, read_task_file
@@ -37,6 +35,7 @@ from adaptermerge.tuning import (
     tune_summary,
 )
 from adaptermerge_cli.main import cli
+from tests.helpers import adapter_on_folder
 
 OPTIMUM = (1.25, 0.8)  # the weights of the model that wrote the tasks' answers
 A_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"]
@@ -49,26 +48,14 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-def _adapter(base: Path, out: Path, seed: int, targets: list[str]) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base)
-    torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(6.0)  # deltas that change the greedy answers
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two adapters on disjoint layers and two tasks whose answers are the greedy output (first four characters) of
     base + 1.25 * a + 0.8 * b: only those weights restore both tasks."""
     w = tmp_path_factory.mktemp("tune")
     save_tiny_base(w / "base", init_range=0.2)
-    _adapter(w / "base", w / "a", 1, A_MODULES)
-    _adapter(w / "base", w / "b", 2, B_MODULES)
+    adapter_on_folder(w / "base", w / "a", 1, A_MODULES, alpha=4, b_scale=6.0)
+    adapter_on_folder(w / "base", w / "b", 2, B_MODULES, alpha=4, b_scale=6.0)
     teacher = combine([w / "a", w / "b"], list(OPTIMUM), method="linear")
     save_combined(teacher, w / "teacher")
     with LiveModel(w / "base", A_MODULES + B_MODULES) as live:

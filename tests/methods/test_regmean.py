@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +22,7 @@ from adaptermerge.methods.regmean import ModuleInputs, RegMeanParams, regmean, s
 from adaptermerge.surgery.merge import merge_into_base, torch_threads
 from adaptermerge.synthetic import char_tokenizer, make_examples, save_tiny_base, write_jsonl
 from adaptermerge_cli.main import cli
+from tests.helpers import adapter_on_folder
 
 # ------------------------------------------------------------------------------------------------ pure method
 
@@ -121,27 +122,15 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-def _adapter(base: Path, out: Path, seed: int, targets: list[str]) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():  # deltas comparable to the base weights, so the merge is far from every simple mean
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(20.0)
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = tmp_path_factory.mktemp("regmean")
     save_tiny_base(w / "base", init_range=0.2)
     for t in TASKS:
         write_jsonl(w / f"{t}.jsonl", make_examples(t, 6, seed=5))
-    _adapter(w / "base", w / "upper", 1, ["q_proj", "v_proj", "down_proj"])
-    _adapter(w / "base", w / "shift", 2, ["q_proj", "o_proj", "down_proj"])
+    # b_scale: deltas comparable to the base weights, so the merge is far from every simple mean
+    adapter_on_folder(w / "base", w / "upper", 1, ["q_proj", "v_proj", "down_proj"], b_scale=20.0)
+    adapter_on_folder(w / "base", w / "shift", 2, ["q_proj", "o_proj", "down_proj"], b_scale=20.0)
     return w
 
 
