@@ -491,8 +491,11 @@ def bench_linear(dim: int, tmp: Path) -> dict[str, Any]:
 # report
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    head = ("measurement", "adaptermerge", "PEFT", "ratio", "goal", "result")
+def print_table(
+    rows: list[tuple[str, ...]],
+    head: tuple[str, ...] = ("measurement", "adaptermerge", "PEFT", "ratio", "goal", "result"),
+) -> None:
+    """Rows as left-aligned columns under ``head``, between rules."""
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
     print(line)

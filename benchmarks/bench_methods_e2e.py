@@ -61,6 +61,7 @@ from bench_combine import (
     fmt_s,
     lora_layers,
     peft_model_with,
+    print_table,
     rel_err,
     run_sampling_rss,
     verdict,
@@ -253,17 +254,6 @@ def bench_peft(dim: int, repeats: int, n_modules: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------
 # report
-
-
-def print_table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> None:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-    print(line)
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(line)
 
 
 def judge(run: dict[str, Any], full: bool) -> tuple[str, bool | None]:
