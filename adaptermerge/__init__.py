@@ -33,6 +33,9 @@ _LAZY = {
     "combine": "adaptermerge.combination",
     "save_combined": "adaptermerge.combination",
     "describe": "adaptermerge.inspection",
+    "DistillSettings": "adaptermerge.distill",
+    "distill": "adaptermerge.distill",
+    "save_distilled": "adaptermerge.distill",
     "load_adapter": "adaptermerge.io.adapter",
     "save_adapter": "adaptermerge.io.adapter",
     "open_checkpoint": "adaptermerge.io.checkpoint",
@@ -60,6 +63,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from adaptermerge.adapter import Adapter
     from adaptermerge.combination import combine, save_combined
+    from adaptermerge.distill import DistillSettings, distill, save_distilled
     from adaptermerge.evaluation import EvalReport, evaluate
     from adaptermerge.hub import PushResult, push
     from adaptermerge.inspection import describe
@@ -96,6 +100,7 @@ __all__ = [
     "Adapter",
     "AdapterMergeError",
     "Check",
+    "DistillSettings",
     "EvalReport",
     "IncompatibleAdapters",
     "InvalidAdapter",
@@ -120,6 +125,7 @@ __all__ = [
     "combine",
     "convert_to_plain_lora",
     "describe",
+    "distill",
     "evaluate",
     "extract_lora",
     "load_adapter",
@@ -129,6 +135,7 @@ __all__ = [
     "resize_adapter",
     "save_adapter",
     "save_combined",
+    "save_distilled",
     "save_extracted",
     "validate",
     "train_adapter",

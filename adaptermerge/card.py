@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from adaptermerge.adapter import Adapter
+from adaptermerge.data import parse_lines
 from adaptermerge.methods.registry import get_method
 from adaptermerge.outputs import adapter_usage, base_model_text, card_metadata, front_matter, inputs_table
 
@@ -40,7 +41,7 @@ def combine_card(
         *(f"- Trained token rows of `{n}`: {len(t.indices)} ids (exact)" for n, t in result.token_rows.items()),
         *(
             f"- Task `{t['name']}`: inputs collected from `{t['file']}`"
-            + (f" ({len(t['lines'])} rows)" if t.get("lines") else "")
+            + (f" ({len(parse_lines(t['lines']))} rows)" if t.get("lines") else "")
             for t in recipe.get("tasks") or []
         ),
         "",

@@ -15,7 +15,7 @@ A hook can also capture the modules' inputs (:meth:`LiveModel.capture`), which i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,3 +142,23 @@ class LiveModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def live_adapters(adapters: Sequence[Any], base: Any, operation: str) -> list[Adapter]:
+    """The adapters read as plain LoRA (PiSSA/OLoRA/CorDA/EVA inputs converted against ``base``), refusing what a
+    :class:`LiveModel` cannot set in place: ``modules_to_save`` copies, trained token rows and DoRA updates."""
+    from adaptermerge.surgery.init_conversion import plain_adapters
+
+    loaded = plain_adapters(adapters, base=base if Path(base).is_dir() else None)
+    for a in loaded:
+        what = a.source or "an adapter"
+        if a.extra_tensors or a.token_rows or a.modules_to_save:
+            raise UnsupportedAdapter(
+                f"{what} carries modules_to_save or trained token rows; {operation} sets LoRA deltas in place and "
+                "does not swap full modules (combine/merge such adapters with chosen weights)"
+            )
+        if a.uses_dora:
+            raise UnsupportedAdapter(
+                f"{what} is a DoRA adapter; DoRA updates do not add linearly, so they are not merged"
+            )
+    return loaded

@@ -44,14 +44,15 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine
 from adaptermerge.data import TaskData, format_lines, read_task_file
-from adaptermerge.errors import AdapterMergeError, UnsupportedAdapter, UsageError
+from adaptermerge.distill import DistillSettings, distill_recipe, distill_summary, refine
+from adaptermerge.errors import AdapterMergeError, UsageError
 from adaptermerge.evaluation import (
     DEFAULT_MAX_LENGTH,
     LOWER_IS_BETTER,
@@ -61,7 +62,7 @@ from adaptermerge.evaluation import (
     score_model,
 )
 from adaptermerge.layers import LayerGroup, groups_used, layer_groups, layer_index
-from adaptermerge.live import LiveModel
+from adaptermerge.live import LiveModel, live_adapters
 from adaptermerge.methods.registry import Method, get_method
 
 DEFAULT_METHODS = ("linear", "ties", "regmean")
@@ -122,7 +123,9 @@ class TuneResult:
 
     Attributes:
         best: the winning candidate (method, weights, parameters, tuning scores).
-        adapter: the winning merge as an :class:`Adapter` (what :attr:`output` holds).
+        adapter: the winning merge as an :class:`Adapter` (what :attr:`output` holds): the search's winner, refined
+            when ``distill`` was given.
+        searched: the search's winner before any distillation (``adapter`` itself without ``distill``).
         report: the held-out table (rows: base, each task's adapter, each method's defaults, the winner); on the
             tuning rows when ``holdout`` is 0 (``report_split``).
         candidates: every evaluated candidate, in order.
@@ -141,10 +144,17 @@ class TuneResult:
     search_seconds: float = 0.0
     output: Path | None = None
     split: dict[str, dict[str, Any]] = field(default_factory=dict)
+    searched: Adapter | None = None
+
+    @property
+    def distilled(self) -> bool:
+        """The winner was refined by distillation (``adapter`` is the refined merge)."""
+        return bool(self.settings.get("distill"))
 
     @property
     def tuned_name(self) -> str:
-        return f"tuned ({self.best.method})"
+        """The report's row of the written merge (the refined one when the winner was distilled)."""
+        return f"tuned ({self.best.method})" + (" + distill" if self.distilled else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +186,7 @@ def tune(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = False,
+    distill: DistillSettings | None = None,
 ) -> TuneResult:
     """Search merge methods, weights and parameters for the merge that scores best on every task.
 
@@ -201,6 +212,9 @@ def tune(
         batch_size: examples per forward pass while scoring.
         device: ``cpu`` or ``cuda``.
         progress: progress bar (with the best objective so far) on stderr.
+        distill: refine the winner by distillation on the tuning rows (:mod:`adaptermerge.distill`); the held-out
+            table then shows the winner before and after, the written adapter is the refined one and its recipe
+            replays both stages (``adaptermerge distill --recipe``).
 
     Example:
         >>> import adaptermerge
@@ -212,11 +226,12 @@ def tune(
     pairs = _task_pairs(tasks)
     _check_output(out, base, adapters, overwrite)
     tuning, held = _split(pairs, holdout, max_examples, metric)
-    loaded = _load(adapters, base)
+    loaded = live_adapters(adapters, base, "tune")
     settings = {
         "methods": [s.name for s in specs], "granularity": granularity, "budget": budget, "metric": metric,
         "seed": seed, "holdout": holdout, "l1": l1, "objective": objective, "max_examples": max_examples,
         "weight_range": list(WEIGHT_RANGE), "lambda_range": list(LAMBDA_RANGE), "optimizer": "cma-es",
+        "distill": None if distill is None else asdict(distill),
     }  # fmt: skip
     modules = sorted({m for a in loaded for m in a.modules})
     with LiveModel(base, modules, device=device, progress=progress) as live:
@@ -230,17 +245,20 @@ def tune(
         candidates = _search_all(ctx, specs, groups, budget, seed)
         search_seconds = time.perf_counter() - t_search
         best = _winner(candidates)
-        adapter = _final_merge(base, loaded, tuning, best)
+        found = _final_merge(base, loaded, tuning, best)
+        finals = {f"tuned ({best.method})": found}
+        if distill is not None:
+            finals[f"tuned ({best.method}) + distill"] = refine(live, loaded, found, tuning, distill, progress)
         report_rows = {n: d.rows for n, d in (held if holdout > 0 else tuning)}
-        report = _report(ctx, specs, adapter, best, report_rows)
+        report = _report(ctx, specs, finals, report_rows)
     split = {
         n: {"tune": len(d.rows), "held_out": len(h.rows), "tune_lines": format_lines(d.lines),
             "held_out_lines": format_lines(h.lines)}
         for (n, d), (_, h) in zip(tuning, held, strict=True)
     }  # fmt: skip
     result = TuneResult(
-        best, adapter, report, "held-out" if holdout > 0 else "tuning (no held-out rows)", candidates, settings,
-        search_seconds=search_seconds, split=split,
+        best, list(finals.values())[-1], report, "held-out" if holdout > 0 else "tuning (no held-out rows)", candidates, settings,
+        search_seconds=search_seconds, split=split, searched=found,
     )  # fmt: skip
     result.seconds = time.perf_counter() - t0
     if out is not None:
@@ -333,24 +351,6 @@ def _split(
         tuning.append((name, data.select(sorted(keep, key=lambda r: r.line))))
         held.append((name, data.select(sorted(out, key=lambda r: r.line))))
     return tuning, held
-
-
-def _load(adapters: Sequence[Any], base: Any) -> list[Adapter]:
-    from adaptermerge.surgery.init_conversion import plain_adapters
-
-    loaded = plain_adapters(adapters, base=base if Path(base).is_dir() else None)
-    for a in loaded:
-        what = a.source or "an adapter"
-        if a.extra_tensors or a.token_rows or a.modules_to_save:
-            raise UnsupportedAdapter(
-                f"{what} carries modules_to_save or trained token rows; tune sets LoRA deltas in place and does "
-                "not swap full modules (combine/merge such adapters with chosen weights)"
-            )
-        if a.uses_dora:
-            raise UnsupportedAdapter(
-                f"{what} is a DoRA adapter; DoRA updates do not add linearly, so they are not merged"
-            )
-    return loaded
 
 
 def _statistics(live: LiveModel, specs: list[Method], loaded: list[Adapter], tuning: list, progress: bool) -> Any:
@@ -570,8 +570,9 @@ def _final_merge(base: Any, loaded: list[Adapter], tuning: list[tuple[str, TaskD
     return combine(loaded, best.weights, method=best.method, **data, **best.params)
 
 
-def _report(ctx: _Context, specs: list[Method], adapter: Adapter, best: Candidate, rows: dict[str, list]) -> EvalReport:
-    """The base, each task's own adapter, each method's defaults and the winner, scored on ``rows``."""
+def _report(ctx: _Context, specs: list[Method], finals: dict[str, Adapter], rows: dict[str, list]) -> EvalReport:
+    """The base, each task's own adapter, each method's defaults and the winner (before and after distillation),
+    scored on ``rows``."""
     metrics = [ctx.metric] + (["loss"] if ctx.metric != "loss" else [])
     models: dict[str, Adapter | None] = {"base": None}
     kinds = {"base": "base"}
@@ -583,8 +584,8 @@ def _report(ctx: _Context, specs: list[Method], adapter: Adapter, best: Candidat
         except AdapterMergeError:
             continue
         models[f"{spec.name} defaults"], kinds[f"{spec.name} defaults"] = merged, "adapter"
-    tuned = f"tuned ({best.method})"
-    models[tuned], kinds[tuned] = adapter, "adapter"
+    for name, a in finals.items():
+        models[name], kinds[name] = a, "adapter"
     scores = {}
     for name, a in models.items():
         ctx.live.use(a)
@@ -606,8 +607,13 @@ def write_tune_output(result: TuneResult, out: str | os.PathLike, overwrite: boo
     from adaptermerge.plot import plot_report
     from adaptermerge.recipe import RECIPE_NAME, combine_recipe, dump_recipe
 
-    recipe = combine_recipe(result.adapter)
-    card = combine_card(result.adapter, recipe, sections=[("Tuning", tune_summary(result))], tags=["tune"])
+    sections = [("Tuning", tune_summary(result))]
+    if result.distilled:
+        recipe = distill_recipe(result.adapter)
+        sections.append(("Distillation", distill_summary(result.adapter)))
+    else:
+        recipe = combine_recipe(result.adapter)
+    card = combine_card(result.adapter, recipe, sections=sections, tags=["tune"])
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_adapter(result.adapter, tmp / "adapter", extra_files={"README.md": card, RECIPE_NAME: dump_recipe(recipe)})
         log = {
@@ -635,6 +641,11 @@ def tune_summary(result: TuneResult) -> str:
         + "; ".join(describe_weight(w) for w in b.weights)
         + ("; " + ", ".join(f"{k} {v:g}" for k, v in b.params.items()) if b.params else ""),
         "",
+        *(
+            [f"Then distilled (row `{result.tuned_name}`, the written merge): {distill_summary(result.adapter)}", ""]
+            if result.distilled
+            else []
+        ),
         f"Scores on the {result.report_split} rows ({', '.join(f'{t}: {n}' for t, n in result.report.examples.items())}):",
         "",
         "```",

@@ -161,20 +161,43 @@ def defaults(demo: Path, few: dict[str, Path], work: Path) -> dict[str, Path]:
 
 
 def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each tune setting; with ``--distill N`` the winner is also distilled (``LABEL + distill``, timed with its
+    search: the search alone is the search's wall time without the distillation's)."""
+    from adaptermerge.combination import save_combined
+    from adaptermerge.distill import DistillSettings
     from adaptermerge.tuning import tune
 
     runs = {}
     for label in [x for x in args.settings.split(",") if x]:
         kw = SETTINGS[label]
+        folder = work / "tuned" / label.replace("/", "-")
         t = time.perf_counter()
         res = tune(
             demo / "base", [demo / "adapters" / t for t in TASKS], few, methods=args.methods.split(","),
-            budget=args.budget, seed=args.seed, out=work / "tuned" / label.replace("/", "-"), **kw,
+            budget=args.budget, seed=args.seed, out=folder, distill=DistillSettings(steps=args.distill) if args.distill else None, **kw,
         )  # fmt: skip
         wall = time.perf_counter() - t
-        runs[label] = {"result": res, "wall_s": wall, "path": res.output / "adapter"}
         log(f"{label}: {res.best.method} {res.best.weights} {res.best.params} in {wall:.1f} s")
+        if not args.distill:
+            runs[label] = {"result": res, "wall_s": wall, "path": res.output / "adapter"}
+            continue
+        distill_s = res.adapter.provenance["distill"]["seconds"]
+        searched = save_combined(res.searched, folder.with_name(folder.name + "-searched"))
+        runs[label] = {"result": res, "wall_s": wall - distill_s, "path": searched}
+        runs[label + " + distill"] = {"result": res, "wall_s": wall, "path": res.output / "adapter"}
     return runs
+
+
+def run_distill(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``distill`` from RegMean on every few-shot row (no search)."""
+    from adaptermerge.distill import DistillSettings, distill, save_distilled
+
+    t = time.perf_counter()
+    merged = distill(demo / "base", [demo / "adapters" / t for t in TASKS], few, settings=DistillSettings(steps=args.distill))  # fmt: skip
+    wall = time.perf_counter() - t
+    path = save_distilled(merged, work / "distilled")
+    log(f"distill (regmean init): KL {merged.provenance['distill']['loss_first']:.4f} -> {merged.provenance['distill']['loss_last']:.4f} in {wall:.1f} s")  # fmt: skip
+    return {"distill (regmean init)": {"result": None, "wall_s": wall, "path": path}}
 
 
 def _lowest(retention: dict[str, float | None]) -> float | None:
@@ -221,9 +244,11 @@ def print_table(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> Non
         print(f"{model:28s} " + " ".join(cells) + " " + _pct(r["min_char_retention"], 9))
     print()
     for label, v in summary["verdicts"].items():
-        best = runs[label]["result"].best
+        res = runs[label]["result"]
         print(
-            f"{label}: winner {best.method}, {v['wall_s']:.1f} s -> keeps >= {GOAL_RETENTION:.0%} of every task: "
+            f"{label}: "
+            + (f"winner {res.best.method}, " if res else "")
+            + f"{v['wall_s']:.1f} s -> keeps >= {GOAL_RETENTION:.0%} of every task: "
             f"{'yes' if v['keeps_every_task'] else 'no'} (lowest {_pct(summary['rows'][label]['min_char_retention'], 0)}); "
             f"under 10 min: {'yes' if v['under_10_min'] else 'no'}; goal {'MET' if v['met'] else 'NOT met'}"
             + (f"; worse than the base on {', '.join(v['below_base_char'])}" if v["below_base_char"] else "")
@@ -249,6 +274,12 @@ def main() -> int:
     ap.add_argument(
         "--settings", default=DEFAULT_SETTINGS, help=f"tune settings, comma-separated, of: {', '.join(SETTINGS)}"
     )
+    ap.add_argument(
+        "--distill",
+        type=int,
+        default=300,
+        help="distillation steps: a distill run from RegMean, and each tuned winner distilled too (0: none)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -271,6 +302,8 @@ def main() -> int:
     merges = defaults(demo, few, work)
     log(f"{len(merges)} methods at their defaults in {time.perf_counter() - t:.1f} s")
     runs = run_tune(demo, few, work, args)
+    if args.distill:
+        runs |= run_distill(demo, few, work, args)
     models = [(t, demo / "adapters" / t) for t in TASKS]
     if args.joint:
         models.append(("joint (not a merge)", joint_adapter(demo, work, settings)))
@@ -286,7 +319,7 @@ def main() -> int:
             "settings": vars(args) | {"demo": str(args.demo) if args.demo else None, "json": str(args.json)},
             "demo_settings": asdict(settings) if args.demo is None else None,
             "threads": torch.get_num_threads(), "evaluation": report.to_dict(), **summary,
-            "tune": {label: r["result"].to_dict() for label, r in runs.items()},
+            "tune": {k: r["result"].to_dict() for k, r in runs.items() if r["result"] and not k.endswith(" + distill")},
         }  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     if args.keep:

@@ -1,4 +1,5 @@
-"""``tune``: search merge methods, weights and parameters on a few examples per task."""
+"""``tune``: search merge methods, weights and parameters on a few examples per task; ``distill``: refine a merge
+until it behaves like each task's own adapter on that task's examples."""
 
 from __future__ import annotations
 
@@ -13,6 +14,31 @@ from adaptermerge_cli.tasks import parse_tasks, task_option
 
 def format_tune(d: dict[str, Any], summary: str) -> str:
     return f"wrote {d['output']}\n{summary}" if d.get("output") else summary
+
+
+def distill_options(prefix: str) -> Any:
+    """``--{prefix}steps``, ``--{prefix}lr`` and ``--{prefix}batch-size``: one declaration for distill and tune."""
+    from adaptermerge.distill import DistillSettings
+
+    d = DistillSettings()
+    zero = "; 0 (the default): no distillation" if prefix else ""
+    opts = [
+        click.option(
+            f"--{prefix}steps", type=click.IntRange(min=0 if prefix else 1), default=0 if prefix else d.steps,
+            show_default=True, help=f"Distillation steps (each takes a batch from every task){zero}.",
+        ),
+        click.option(f"--{prefix}lr", type=click.FloatRange(min=0.0, min_open=True), default=d.lr, show_default=True,
+                     help="Distillation learning rate (Adam, on the merged factors)."),
+        click.option(f"--{prefix}batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
+                     help="Rows per task per distillation step."),
+    ]  # fmt: skip
+
+    def wrap(f: Any) -> Any:
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
 
 
 @cli.command("tune")
@@ -71,6 +97,7 @@ def format_tune(d: dict[str, Any], summary: str) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist or be empty).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@distill_options("distill-")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune_cmd(
     adapters: tuple[str, ...],
@@ -90,13 +117,17 @@ def tune_cmd(
     output: str,
     overwrite: bool,
     as_json: bool,
+    distill_steps: int,
+    distill_lr: float,
+    distill_batch_size: int,
     quiet: bool,
 ) -> None:
     """Find the merge that keeps every task: a gradient-free search (CMA-ES) over methods, weights and parameters.
 
     Each candidate is merged in memory and scored on a few examples per task with its deltas set in place on
     BASE, loaded once; part of each task file (--holdout) is kept out of the search and scored at the end, so you
-    see whether the search overfit. Writes OUTPUT/adapter (the best merge, with a model card and a recipe that
+    see whether the search overfit. With --distill-steps N the winner is then refined by distillation on the same
+    tuning rows (see `adaptermerge distill`) and the held-out table shows it before and after. Writes OUTPUT/adapter (the best merge, with a model card and a recipe that
     replays it without searching), OUTPUT/tune_log.json (every candidate) and OUTPUT/tune_report.json/.png (the
     held-out scores of the winner, each method's defaults, the single adapters and the base).
 
@@ -106,17 +137,111 @@ def tune_cmd(
       adaptermerge tune ./a ./b ./c --base ./base --task a=a.jsonl --task b=b.jsonl --task c=c.jsonl \\
           --methods linear,ties,tsv,regmean --granularity layer-group --budget 300 --metric char -o ./abc
       adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --metric char --objective worst -o ./ab
+      adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --distill-steps 300 -o ./ab
     """
+    from adaptermerge.distill import DistillSettings
     from adaptermerge.tuning import tune, tune_summary
 
+    distill = (
+        DistillSettings(steps=distill_steps, lr=distill_lr, batch_size=distill_batch_size, seed=seed)
+        if distill_steps
+        else None
+    )
     result = tune(
         base, list(adapters), parse_tasks(tasks), methods=[m.strip() for m in methods.split(",") if m.strip()],
         granularity=granularity, budget=budget, metric=metric, seed=seed, holdout=holdout, l1=l1, objective=objective,
         out=output,
         overwrite=overwrite, max_examples=max_examples, batch_size=batch_size, device=device, progress=not quiet,
+        distill=distill,
     )  # fmt: skip
     d = result.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
     else:
         emit(d, False, format_tune(d, tune_summary(result)))
+
+
+@cli.command("distill")
+@click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--base", type=str, help="The base model folder the adapters were trained on.")
+@task_option("A task and its JSONL file, one per adapter in the adapters' order (repeat); every row is used.")
+@click.option(
+    "--init",
+    default="regmean",
+    show_default=True,
+    help="The registry method whose merge (at its defaults, with --weights) the distillation starts from.",
+)
+@click.option("--weights", type=str, help="The init method's weights, e.g. 0.5 0.3 0.2 (default: its own).")
+@distill_options("")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the batch order.")
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs."
+)
+@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), help="Replay a distill recipe.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist or be empty).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def distill_cmd(
+    adapters: tuple[str, ...],
+    base: str | None,
+    tasks: tuple[str, ...],
+    init: str,
+    weights: str | None,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: str,
+    recipe_path: str | None,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Merge adapters, then train the merge until it behaves like each task's own adapter on that task's examples.
+
+    Starts from a merge (--init, RegMean by default) and trains its factors (same rank; the base never changes)
+    so that on each task's rows the next-token distributions of BASE with the merge match those of BASE with that
+    task's adapter (mean KL over every token). Data-free and per-module methods cannot see how module errors add
+    up through the layers; distillation does, and keeps far more of every task on conflicting tasks (docs/distill.md).
+    Writes an adapter folder with a model card and a recipe that replays both stages (--recipe).
+
+    \b
+    Examples:
+      adaptermerge distill ./math ./code --base ./base --task math=math.jsonl --task code=code.jsonl -o ./mc
+      adaptermerge distill ./a ./b ./c --base ./base --task a=a.jsonl --task b=b.jsonl --task c=c.jsonl \\
+          --init ties --steps 500 --lr 5e-4 -o ./abc
+      adaptermerge distill --recipe ./mc/adaptermerge_recipe.yaml -o ./mc-again
+    """
+    from click.core import ParameterSource
+
+    from adaptermerge.distill import DistillSettings, distill, distill_summary, load_distill_recipe, save_distilled
+    from adaptermerge.errors import UsageError
+    from adaptermerge_cli.main import parse_floats, refuse_with_recipe
+
+    if recipe_path:
+        ctx = click.get_current_context()
+        typed = [
+            n
+            for n in ("init", "steps", "lr", "batch_size", "seed")
+            if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE
+        ]
+        refuse_with_recipe(adapters, base, tasks, weights, typed or None)
+        kwargs = load_distill_recipe(recipe_path)
+    else:
+        if not adapters or not base or not tasks:
+            raise UsageError("give the adapters, --base and one --task per adapter (or --recipe FILE)")
+        kwargs = {
+            "base": base, "adapters": list(adapters), "tasks": parse_tasks(tasks), "init": init,
+            "weights": parse_floats(weights, "--weights"),
+            "settings": DistillSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed),
+        }  # fmt: skip
+    from adaptermerge.io.atomic import check_output_path
+
+    inputs = [getattr(a, "source", a) for a in kwargs["adapters"]] + [kwargs["base"]]
+    check_output_path(output, [p for p in inputs if p], overwrite=overwrite)  # before any training
+    merged = distill(**kwargs, device=device, progress=not quiet)
+    path = save_distilled(merged, output, overwrite=overwrite)
+    d = {"output": str(path), "distill": merged.provenance["distill"], "method": merged.provenance["method"]}
+    emit(d, as_json, f"wrote {path}\n{distill_summary(merged)}")

@@ -52,3 +52,19 @@ def test_verdict_meets_the_ratio_and_names_the_tasks_below_the_base() -> None:
     verdict = mod.summarize(report, {"tuned": {"wall_s": 12.0}})["verdicts"]["tuned"]
     assert verdict["met"] and verdict["keeps_every_task"] and verdict["under_10_min"]
     assert verdict["below_base_char"] == ["upper (0.93 vs base 0.95)"]
+
+
+def test_a_distill_run_without_a_search_prints_its_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--distill`` adds a run that is not a search (no tune result): the table and verdicts still print it."""
+    from adaptermerge.evaluation import report_from_scores
+
+    mod = bench_tune()
+    char = {"base": (0.5, 0.5, 0.5), "reverse": (1.0, 0.4, 0.4), "upper": (0.4, 1.0, 0.4),
+            "shift": (0.4, 0.4, 1.0), "distill (regmean init)": (0.91, 0.95, 0.9)}  # fmt: skip
+    scores = {m: {"char": dict(zip(mod.TASKS, v)), "loss": dict(zip(mod.TASKS, (1.0, 1.0, 1.0)))} for m, v in char.items()}  # fmt: skip
+    report = report_from_scores(["char", "loss"], mod.TASKS, scores, {m: "adapter" for m in char} | {"base": "base"})
+    runs = {"distill (regmean init)": {"result": None, "wall_s": 9.0}}
+    mod.print_table(mod.summarize(report, runs), runs)
+    out = capsys.readouterr().out
+    assert "distill (regmean init): 9.0 s -> keeps >= 90% of every task: yes (lowest 90.0%)" in out
+    assert "goal MET" in out
