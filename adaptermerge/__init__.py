@@ -33,9 +33,9 @@ _LAZY = {
     "combine": "adaptermerge.combination",
     "save_combined": "adaptermerge.combination",
     "describe": "adaptermerge.inspection",
-    "DistillSettings": "adaptermerge.distill",
-    "distill": "adaptermerge.distill",
-    "save_distilled": "adaptermerge.distill",
+    "DistillSettings": "adaptermerge.distillation",
+    "distill": "adaptermerge.distillation",
+    "save_distilled": "adaptermerge.distillation",
     "load_adapter": "adaptermerge.io.adapter",
     "save_adapter": "adaptermerge.io.adapter",
     "open_checkpoint": "adaptermerge.io.checkpoint",
@@ -63,7 +63,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from adaptermerge.adapter import Adapter
     from adaptermerge.combination import combine, save_combined
-    from adaptermerge.distill import DistillSettings, distill, save_distilled
+    from adaptermerge.distillation import DistillSettings, distill, save_distilled
     from adaptermerge.evaluation import EvalReport, evaluate
     from adaptermerge.hub import PushResult, push
     from adaptermerge.inspection import describe

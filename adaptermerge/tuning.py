@@ -51,7 +51,7 @@ from typing import Any
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine
 from adaptermerge.data import TaskData, format_lines, read_task_file
-from adaptermerge.distill import DistillSettings, distill_recipe, distill_summary, refine
+from adaptermerge.distillation import DistillSettings, distill_recipe, distill_summary, refine
 from adaptermerge.errors import AdapterMergeError, UsageError
 from adaptermerge.evaluation import (
     DEFAULT_MAX_LENGTH,
@@ -212,7 +212,7 @@ def tune(
         batch_size: examples per forward pass while scoring.
         device: ``cpu`` or ``cuda``.
         progress: progress bar (with the best objective so far) on stderr.
-        distill: refine the winner by distillation on the tuning rows (:mod:`adaptermerge.distill`); the held-out
+        distill: refine the winner by distillation on the tuning rows (:mod:`adaptermerge.distillation`); the held-out
             table then shows the winner before and after, the written adapter is the refined one and its recipe
             replays both stages (``adaptermerge distill --recipe``).
 

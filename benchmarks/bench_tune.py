@@ -164,7 +164,7 @@ def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namesp
     """Each tune setting; with ``--distill N`` the winner is also distilled (``LABEL + distill``, timed with its
     search: the search alone is the search's wall time without the distillation's)."""
     from adaptermerge.combination import save_combined
-    from adaptermerge.distill import DistillSettings
+    from adaptermerge.distillation import DistillSettings
     from adaptermerge.tuning import tune
 
     runs = {}
@@ -190,7 +190,7 @@ def run_tune(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namesp
 
 def run_distill(demo: Path, few: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``distill`` from RegMean on every few-shot row (no search)."""
-    from adaptermerge.distill import DistillSettings, distill, save_distilled
+    from adaptermerge.distillation import DistillSettings, distill, save_distilled
 
     t = time.perf_counter()
     merged = distill(demo / "base", [demo / "adapters" / t for t in TASKS], few, settings=DistillSettings(steps=args.distill))  # fmt: skip

@@ -22,7 +22,12 @@ logic of every path. Checks, each printed as PASS/FAIL with its figures:
    bitsandbytes dequantizes from it; each merged weight is no further from ``dequant(W4) + delta`` (PEFT) than
    bitsandbytes' own quantization of that target;
 5. the CLI ``adaptermerge --threads 2 combine ... --device DEVICE`` and ``merge ... --device DEVICE`` run and
-   write PEFT's weighted sum (svd: its dense rank-8 truncation) and PEFT's merge.
+   write PEFT's weighted sum (svd: its dense rank-8 truncation) and PEFT's merge;
+6. the paths on a base loaded once with adapters swapped in place (:class:`adaptermerge.live.LiveModel`):
+   ``evaluate`` (per-task loss equal to the CPU's and to PEFT's model on the CPU), RegMean (statistics collected on
+   the device: the merge equal to the CPU's), ``distill`` (its first loss equal to the CPU's and to the mean KL that
+   PEFT's models give; after its steps PEFT's KL to each teacher is lower than the init's) and ``tune`` (the same
+   candidates and held-out scores as on the CPU, to float tolerance).
 
 The comparison functions are importable (``tests/test_device_check.py`` checks that each fails on a perturbed
 result). The exit status is 1 when a check fails, 2 when the device is not available.
@@ -149,6 +154,98 @@ def adapter_products(folder: Path) -> dict[str, torch.Tensor]:
     from tests.helpers import peft_deltas, peft_model, tiny_llama
 
     return peft_deltas(peft_model(tiny_llama, folder), "a0")
+
+
+def peft_task_loss(base: Path, adapter: Path, task_file: Path) -> float:
+    """Token-mean completion loss of PEFT's model (base + adapter from the folders, on the CPU): the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adaptermerge.data import read_task_file, tokenize_row
+    from adaptermerge.evaluation import pad_batch
+    from adaptermerge.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    rows = [t for t in (tokenize_row(r, tok, 48) for r in read_task_file(task_file).rows) if t is not None]
+    ids, labels, mask = pad_batch(rows, tok.pad_token_id)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100))
+
+
+def peft_kl(base: Path, teacher: Path, student: Path, task_file: Path) -> float:
+    """Mean over real tokens of KL(teacher || student), both PEFT models on the CPU: distillation's reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adaptermerge.data import read_task_file, tokenize_row
+    from adaptermerge.evaluation import pad_batch
+    from adaptermerge.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    rows = [t for t in (tokenize_row(r, tok, 48) for r in read_task_file(task_file).rows) if t is not None]
+    ids, _, mask = pad_batch(rows, tok.pad_token_id)
+    out = []
+    for folder in (teacher, student):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+        with torch.no_grad():
+            out.append(torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1))
+    t, s = out
+    return float((t.exp() * (t - s)).sum(-1)[mask.bool()].mean())
+
+
+def live_checks(tmp: Path, dev: str) -> None:
+    """Check 6: evaluate, RegMean, distill and tune on ``dev`` against the CPU and PEFT's models on the CPU."""
+    import adaptermerge
+    from adaptermerge.combination import save_combined
+    from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
+    from tests.helpers import adapter_on_folder
+
+    base = save_tiny_base(tmp / "base", init_range=0.2)
+    ads = [adapter_on_folder(base, tmp / n, s, ["q_proj", "v_proj", "up_proj", "down_proj"], alpha=4, b_scale=6.0)
+           for n, s in (("a", 1), ("b", 2))]  # fmt: skip
+    tasks = {t: write_jsonl(tmp / f"{t}.jsonl", make_examples(t, 12, seed=3)) for t in ("reverse", "upper")}
+
+    rep = {d: adaptermerge.evaluate(base, [("a", ads[0])], tasks, metrics=["loss"], device=d) for d in (dev, "cpu")}
+    got, cpu = rep[dev].scores["loss"]["a"], rep["cpu"].scores["loss"]["a"]
+    ref = {t: peft_task_loss(base, ads[0], f) for t, f in tasks.items()}
+    vs_cpu = max(abs(got[t] - cpu[t]) / cpu[t] for t in tasks)
+    vs_ref = max(abs(got[t] - ref[t]) / ref[t] for t in tasks)
+    check(
+        "evaluate on device",
+        vs_cpu < 1e-4 and vs_ref < 1e-4,
+        f"loss rel. error vs CPU {vs_cpu:.2e}, vs PEFT {vs_ref:.2e}",
+    )
+
+    rm = {d: adaptermerge.combine(ads, method="regmean", base=base, tasks=tasks, device=d) for d in (dev, "cpu")}
+    err = worst_rel({m: lr.delta() for m, lr in rm[dev].modules.items()}, {m: lr.delta() for m, lr in rm["cpu"].modules.items()})  # fmt: skip
+    check("regmean on device", err < 1e-4, f"worst module rel. error vs CPU {err:.2e}")
+
+    settings = adaptermerge.DistillSettings(steps=20, lr=3e-3, batch_size=6)
+    init = adaptermerge.combine(ads, method="linear")
+    dist = {d: adaptermerge.distill(base, ads, tasks, init=init, settings=settings, device=d) for d in (dev, "cpu")}
+    first = {d: m.provenance["distill"]["loss_first"] for d, m in dist.items()}
+    start, done = save_combined(init, tmp / "init"), adaptermerge.save_distilled(dist[dev], tmp / "distilled")
+    before = [peft_kl(base, a, start, f) for a, f in zip(ads, tasks.values(), strict=True)]
+    after = [peft_kl(base, a, done, f) for a, f in zip(ads, tasks.values(), strict=True)]
+    one = adaptermerge.distill(base, ads, tasks, init=init, settings=adaptermerge.DistillSettings(steps=1, batch_size=12), device=dev)  # fmt: skip
+    vs_ref = abs(one.provenance["distill"]["loss_first"] - sum(before) / 2) / (sum(before) / 2)
+    drift = worst_rel({m: lr.delta() for m, lr in dist[dev].modules.items()}, {m: lr.delta() for m, lr in dist["cpu"].modules.items()})  # fmt: skip
+    check(
+        "distill on device",
+        abs(first[dev] - first["cpu"]) / first["cpu"] < 1e-4
+        and vs_ref < 1e-4
+        and all(x < y for x, y in zip(after, before, strict=True))
+        and drift < 1e-2,  # fmt: skip
+        f"first loss vs CPU {abs(first[dev] - first['cpu']) / first['cpu']:.2e}, vs PEFT KL {vs_ref:.2e}; PEFT KL "
+        f"{' / '.join(f'{x:.3f}' for x in before)} -> {' / '.join(f'{x:.3f}' for x in after)}; merge vs CPU run {drift:.2e}",
+    )
+
+    runs = {d: adaptermerge.tune(base, ads, tasks, methods=["linear", "regmean"], budget=6, seed=1, device=d) for d in (dev, "cpu")}  # fmt: skip
+    same = [c.method for c in runs[dev].candidates] == [c.method for c in runs["cpu"].candidates]
+    obj = max(abs(x.objective - y.objective) / abs(y.objective) for x, y in zip(runs[dev].candidates, runs["cpu"].candidates, strict=True))  # fmt: skip
+    check("tune on device", same and obj < 1e-3, f"{len(runs[dev].candidates)} candidates; worst objective rel. difference vs CPU {obj:.2e}")  # fmt: skip
 
 
 def main() -> int:
@@ -296,6 +393,8 @@ def main() -> int:
             else:
                 vs_ref = worst_rel(tensors(tmp / "cli-m"), merged_reference(fp32, peft_weighted_sum([a], [1.0])))
                 check(label, vs_ref < 1e-6, f"exit 0; worst tensor rel. error vs W + PEFT delta {vs_ref:.2e}")
+        # 6. LiveModel paths: evaluate, regmean, distill, tune
+        live_checks(tmp / "live", dev)
     print(f"\n{'all checks passed' if not FAILED else 'FAILED: ' + ', '.join(FAILED)}")
     return 1 if FAILED else 0
 

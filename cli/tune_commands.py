@@ -18,7 +18,7 @@ def format_tune(d: dict[str, Any], summary: str) -> str:
 
 def distill_options(prefix: str) -> Any:
     """``--{prefix}steps``, ``--{prefix}lr`` and ``--{prefix}batch-size``: one declaration for distill and tune."""
-    from adaptermerge.distill import DistillSettings
+    from adaptermerge.distillation import DistillSettings
 
     d = DistillSettings()
     zero = "; 0 (the default): no distillation" if prefix else ""
@@ -139,7 +139,7 @@ def tune_cmd(
       adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --metric char --objective worst -o ./ab
       adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --distill-steps 300 -o ./ab
     """
-    from adaptermerge.distill import DistillSettings
+    from adaptermerge.distillation import DistillSettings
     from adaptermerge.tuning import tune, tune_summary
 
     distill = (
@@ -216,7 +216,7 @@ def distill_cmd(
     """
     from click.core import ParameterSource
 
-    from adaptermerge.distill import DistillSettings, distill, distill_summary, load_distill_recipe, save_distilled
+    from adaptermerge.distillation import DistillSettings, distill, distill_summary, load_distill_recipe, save_distilled
     from adaptermerge.errors import UsageError
     from adaptermerge_cli.main import parse_floats, refuse_with_recipe
 

@@ -23,7 +23,7 @@ from tests.helpers import load_benchmark
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = [
     "combine linear", "combine svd", "merge fp32", "merge bf16", "quantize nf4", "4-bit output on device",
-    "cli combine", "cli merge",
+    "cli combine", "cli merge", "evaluate on device", "regmean on device", "distill on device", "tune on device",
 ]  # fmt: skip
 
 
@@ -43,7 +43,7 @@ def test_device_check_dry_run_on_cpu() -> None:
     passed = [line.split(":")[0][len("PASS  ") :] for line in p.stdout.splitlines() if line.startswith("PASS  ")]
     assert passed == CHECKS and "all checks passed" in p.stdout
     for needle in ("vs PEFT weighted sum", "vs rank-8 truncated SVD of the PEFT", "vs W + PEFT deltas", "from bf16(W + PEFT",
-                   "vs transformers + bitsandbytes", "vs fp32 model of the dequantized weights"):  # fmt: skip
+                   "vs transformers + bitsandbytes", "vs fp32 model of the dequantized weights", "vs PEFT KL"):  # fmt: skip
         assert needle in p.stdout
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from adaptermerge.combination import combine
 from adaptermerge.data import read_task_file, tokenize_row
-from adaptermerge.distill import DistillSettings, distill, distill_recipe, save_distilled
+from adaptermerge.distillation import DistillSettings, distill, distill_recipe, save_distilled
 from adaptermerge.errors import InvalidData, UsageError
 from adaptermerge.evaluation import pad_batch
 from adaptermerge.models import load_tokenizer
@@ -224,7 +224,18 @@ def test_tune_refines_its_winner_and_the_recipe_replays_it(work: Path, tmp_path:
     assert res.settings["distill"]["steps"] == 8 and "Then distilled" in tune_summary(res)
     recipe = (out / "adapter" / "adaptermerge_recipe.yaml").read_text()
     assert "operation: distill" in recipe and "lines:" in recipe  # trained on the tuning rows only
+    card = (out / "adapter" / "README.md").read_text()
+    assert "## Tuning" in card and "## Distillation" in card and "(11 rows)" in card  # 16 rows, 5 held out
     r = CliRunner().invoke(cli, ["distill", "--recipe", str(out / "adapter" / "adaptermerge_recipe.yaml"), "-o", str(tmp_path / "again"), "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
     first, again = (load_file(p / "adapter_model.safetensors") for p in (out / "adapter", tmp_path / "again"))
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_the_public_function_is_not_shadowed_by_its_module() -> None:
+    """``adaptermerge.distill`` stays the function after the module that defines it (and tune's) is imported."""
+    import adaptermerge
+    import adaptermerge.distillation
+    import adaptermerge.tuning  # noqa: F401
+
+    assert adaptermerge.distill is adaptermerge.distillation.distill and callable(adaptermerge.tune)
