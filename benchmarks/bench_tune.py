@@ -18,6 +18,12 @@ when it learns the tasks together, so the ceiling a merge of separately trained 
    any merge), with retention against each task's own adapter: per-character accuracy ``score / own score``;
    loss ``(base - merge) / (base - own)``, the share of the adapter's improvement kept.
 
+``--distill N`` (default 300; 0: none) adds ``distill (regmean init)``, RegMean's merge trained by distillation from
+the task adapters on every few-shot row (:mod:`adaptermerge.distillation`), and ``LABEL + distill`` for each tune
+setting, its winner distilled on the tuning rows (``tune --distill-steps``; the row without ``+ distill`` is the
+same search's winner before). ``--fresh N`` scores every model again on N rows per task that no setting was chosen
+on (seed 4).
+
 The goal (issue 14): a merge that keeps at least 90% of every task adapter's own score (per-character accuracy
 retention >= 0.9 on every task; the loss retention is printed beside it), found in under 10 minutes on 2 CPU
 cores. The script prints each tuned merge's verdict and exits 1 when none meets the goal. The verdict also names
@@ -28,6 +34,7 @@ be worse than no adapter on a task the base already did.
     python benchmarks/bench_tune.py --demo ./adaptermerge-demo --json out.json
     python benchmarks/bench_tune.py --preset larger --joint --examples 128 --budget 400 \
         --settings "tuned adapter/char,tuned adapter/char/worst,tuned layer-group/char/worst"
+    python benchmarks/bench_tune.py --set eval_rows=200 --examples 128 --fresh 1000    # distillation's figures
 """
 
 from __future__ import annotations
@@ -280,6 +287,12 @@ def main() -> int:
         default=300,
         help="distillation steps: a distill run from RegMean, and each tuned winner distilled too (0: none)",
     )
+    ap.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        help="also score every model on N fresh rows per task (seed 4: rows no setting was chosen on)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -312,6 +325,13 @@ def main() -> int:
     report = evaluate(demo / "base", models, tasks, metrics=["loss", "char"], batch_size=64, max_length=48)
     summary = summarize(report, runs)
     print_table(summary, runs)
+    if args.fresh:
+        fresh = {t: write_jsonl(work / "fresh" / f"{t}.jsonl", make_examples(t, args.fresh, seed=4)) for t in TASKS}
+        fresh_report = evaluate(demo / "base", models, fresh, metrics=["loss", "char"], batch_size=64, max_length=48)
+        fresh_summary = summarize(fresh_report, runs)
+        print(f"\non {args.fresh} fresh rows per task (seed 4):")
+        print_table(fresh_summary, runs)
+        summary = {**summary, "fresh": fresh_summary}
     if args.json:
         from dataclasses import asdict
 

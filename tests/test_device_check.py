@@ -86,6 +86,21 @@ def test_each_comparison_fails_on_a_perturbed_result() -> None:
     assert dc.codes_differ({**packed, "w.weight": flipped}, packed) > dc.CODES_TOL
     stats = next(k for k, v in packed.items() if v.is_floating_point() and v.numel() > 1)
     assert dc.codes_differ({**packed, stats: packed[stats] * 1.01}, packed) == 1.0
+    # the packed quant state (JSON as bytes): an offset printed with another number of digits (float32 rounding on
+    # the device) agrees; another block size, or an offset off by more than rounding, does not
+    import json
+
+    key = next(k for k in packed if ".quant_state." in k)
+    state = json.loads(bytes(packed[key].tolist()).decode())
+
+    def pack(**change: object) -> torch.Tensor:
+        return torch.tensor(list(json.dumps({**state, **change}).encode()), dtype=torch.uint8)
+
+    off = state["nested_offset"]
+    assert dc.codes_differ({**packed, key: pack(nested_offset=float(torch.tensor(off * (1 + 2e-7)).item()))}, packed) == 0.0  # fmt: skip
+    assert dc.codes_differ({**packed, key: pack(nested_offset=off * 1.01)}, packed) == 1.0
+    assert dc.codes_differ({**packed, key: pack(blocksize=128)}, packed) == 1.0
+    assert "packed quant states differ" in dc.codes_mismatch({**packed, key: pack(blocksize=128)}, packed)
 
 
 def test_device_check_refuses_a_missing_device() -> None:
