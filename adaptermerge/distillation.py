@@ -170,8 +170,11 @@ def check_init(start: Adapter, teachers: Sequence[Adapter], tasks: Sequence[tupl
     prov = start.provenance
     if "method" not in prov or "inputs" not in prov:
         raise UsageError("the init merge must come from adaptermerge.combine (its recipe is part of the result's)")
-    given = [str(a.source) if a.source else None for a in teachers]
-    if [str(p) if p else None for p in prov["inputs"]] != given:
+
+    def where(p: Any) -> str | None:
+        return str(Path(p).resolve()) if p else None
+
+    if [where(p) for p in prov["inputs"]] != [where(a.source) for a in teachers]:
         raise UsageError("the init merge was made from other adapters than the ones given to distil from")
     if prov.get("tasks") and prov["tasks"] != task_entries(tasks):
         raise UsageError("the init merge read other task rows than the ones given to distil on; use the same rows")

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from adaptermerge.distillation import DistillSettings
 from adaptermerge_cli.main import cli, emit
 from adaptermerge_cli.tasks import parse_tasks, task_option
 
@@ -18,8 +19,6 @@ def format_tune(d: dict[str, Any], summary: str) -> str:
 
 def distill_options(prefix: str) -> Any:
     """``--{prefix}steps``, ``--{prefix}lr`` and ``--{prefix}batch-size``: one declaration for distill and tune."""
-    from adaptermerge.distillation import DistillSettings
-
     d = DistillSettings()
     zero = "; 0 (the default): no distillation" if prefix else ""
     opts = [
@@ -139,7 +138,6 @@ def tune_cmd(
       adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --metric char --objective worst -o ./ab
       adaptermerge tune ./a ./b --base ./base --task a=a.jsonl --task b=b.jsonl --distill-steps 300 -o ./ab
     """
-    from adaptermerge.distillation import DistillSettings
     from adaptermerge.tuning import tune, tune_summary
 
     distill = (
@@ -174,6 +172,7 @@ def tune_cmd(
 @click.option("--weights", type=str, help="The init method's weights, e.g. 0.5 0.3 0.2 (default: its own).")
 @distill_options("")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the batch order.")
+@click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens kept per row.")
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs."
 )
@@ -192,6 +191,7 @@ def distill_cmd(
     lr: float,
     batch_size: int,
     seed: int,
+    max_length: int,
     device: str,
     recipe_path: str | None,
     output: str,
@@ -216,7 +216,7 @@ def distill_cmd(
     """
     from click.core import ParameterSource
 
-    from adaptermerge.distillation import DistillSettings, distill, distill_summary, load_distill_recipe, save_distilled
+    from adaptermerge.distillation import distill, distill_summary, load_distill_recipe, save_distilled
     from adaptermerge.errors import UsageError
     from adaptermerge_cli.main import parse_floats, refuse_with_recipe
 
@@ -224,7 +224,7 @@ def distill_cmd(
         ctx = click.get_current_context()
         typed = [
             n
-            for n in ("init", "steps", "lr", "batch_size", "seed")
+            for n in ("init", "steps", "lr", "batch_size", "seed", "max_length")
             if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE
         ]
         refuse_with_recipe(adapters, base, tasks, weights, typed or None)
@@ -235,7 +235,7 @@ def distill_cmd(
         kwargs = {
             "base": base, "adapters": list(adapters), "tasks": parse_tasks(tasks), "init": init,
             "weights": parse_floats(weights, "--weights"),
-            "settings": DistillSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed),
+            "settings": DistillSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length),
         }  # fmt: skip
     from adaptermerge.io.atomic import check_output_path
 

@@ -215,15 +215,18 @@ def test_distill_recipe_needs_a_distilled_adapter(work: Path) -> None:
 
 def test_tune_refines_its_winner_and_the_recipe_replays_it(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    res = tune(work / "base", [work / "a", work / "b"], _tasks(work), methods=["linear"], budget=4, seed=1,
+    res = tune(work / "base", [work / "a", work / "b"], _tasks(work), methods=["regmean"], budget=4, seed=1,
                out=out, distill=DistillSettings(steps=8, batch_size=4))  # fmt: skip
     rows = res.report.models
-    assert "tuned (linear)" in rows and "tuned (linear) + distill" in rows and res.tuned_name == "tuned (linear) + distill"  # fmt: skip
+    assert "tuned (regmean)" in rows and "tuned (regmean) + distill" in rows and res.tuned_name == "tuned (regmean) + distill"  # fmt: skip
     held = res.report.scores["loss"]
-    assert held["tuned (linear) + distill"] != held["tuned (linear)"]
+    assert held["tuned (regmean) + distill"] != held["tuned (regmean)"]
+    assert res.searched is not None and "distill" not in res.searched.provenance and res.adapter.ranks == res.searched.ranks  # fmt: skip
     assert res.settings["distill"]["steps"] == 8 and "Then distilled" in tune_summary(res)
     recipe = (out / "adapter" / "adaptermerge_recipe.yaml").read_text()
-    assert "operation: distill" in recipe and "lines:" in recipe  # trained on the tuning rows only
+    assert (
+        "operation: distill" in recipe and "merge_method: regmean" in recipe and "lines:" in recipe
+    )  # tuning rows only
     card = (out / "adapter" / "README.md").read_text()
     assert "## Tuning" in card and "## Distillation" in card and "(11 rows)" in card  # 16 rows, 5 held out
     r = CliRunner().invoke(cli, ["distill", "--recipe", str(out / "adapter" / "adaptermerge_recipe.yaml"), "-o", str(tmp_path / "again"), "--quiet"])  # fmt: skip
@@ -239,3 +242,32 @@ def test_the_public_function_is_not_shadowed_by_its_module() -> None:
     import adaptermerge.tuning  # noqa: F401
 
     assert adaptermerge.distill is adaptermerge.distillation.distill and callable(adaptermerge.tune)
+
+
+def test_the_init_may_name_the_adapters_by_other_paths(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same adapters named by a relative path in the init and an absolute one here are the same adapters."""
+    monkeypatch.chdir(work)
+    init = combine([Path("a"), Path("b")], method="linear")
+    merged = distill(work / "base", [work / "a", work / "b"], _tasks(work), init=init, settings=DistillSettings(steps=1))  # fmt: skip
+    assert merged.provenance["distill"]["steps"] == 1
+
+
+def test_on_a_4bit_base_the_qlora_case(work: Path, tmp_path: Path) -> None:
+    """QLoRA adapters are distilled on the 4-bit base they were trained on: bitsandbytes' layers pass gradients to
+    the merge's factors (the loss falls) and the quantized checkpoint is not changed."""
+    import shutil
+
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    q = tmp_path / "nf4"
+    AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=cfg, device_map="cpu").save_pretrained(q)
+    for f in (work / "base").iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, q / f.name)
+    before = load_file(q / "model.safetensors")
+    merged = distill(q, [work / "a", work / "b"], _tasks(work), init="linear", settings=DistillSettings(steps=10, lr=3e-3, batch_size=4))  # fmt: skip
+    record = merged.provenance["distill"]
+    assert record["loss_last"] < 0.9 * record["loss_first"]
+    after = load_file(q / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
