@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ PACKED_4BIT_KERNEL = use_reference_4bit_kernels()
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models gain nothing from a second thread, and on a busy machine OpenMP
+    barriers stall it (modules that run models use ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    from adaptermerge.surgery.merge import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

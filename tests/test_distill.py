@@ -6,7 +6,6 @@ winner and shows it before and after."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from adaptermerge.distillation import DistillSettings, distill, distill_recipe, 
 from adaptermerge.errors import InvalidData, UsageError
 from adaptermerge.evaluation import pad_batch
 from adaptermerge.models import load_tokenizer
-from adaptermerge.surgery.merge import torch_threads
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
 from adaptermerge.tuning import tune, tune_summary
 from adaptermerge_cli.main import cli
@@ -32,10 +30,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 FAST = DistillSettings(steps=30, lr=3e-3, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,12 @@ from transformers import LlamaForCausalLM
 
 from adaptermerge.errors import IncompatibleAdapters, UsageError
 from adaptermerge.evaluation import EvalReport, _retention, char_accuracy, evaluate, exact_match, parse_named
-from adaptermerge.surgery.merge import merge_into_base, torch_threads
+from adaptermerge.surgery.merge import merge_into_base
 from adaptermerge.synthetic import char_tokenizer, make_examples, save_tiny_base, tiny_llama_config, write_jsonl
 from adaptermerge_cli.main import cli
 from tests.helpers import adapter_on_folder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ a winner whose recipe replays without searching. Layer groups and weights per gr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from adaptermerge.evaluation import evaluate, greedy_outputs, report_from_scores
 from adaptermerge.io.adapter import load_adapter
 from adaptermerge.layers import check_weight, groups_used, layer_groups, layer_index, module_weight
 from adaptermerge.live import LiveModel
-from adaptermerge.surgery.merge import torch_threads
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
 from adaptermerge.tuning import (
     Candidate,
@@ -42,10 +40,7 @@ A_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj
 B_MODULES = ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

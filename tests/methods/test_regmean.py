@@ -5,7 +5,6 @@ combine/merge/CLI/recipes with task data checked before any model is loaded."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from adaptermerge.combination import combine, save_combined
 from adaptermerge.errors import InvalidData, UsageError
 from adaptermerge.lowrank import LowRank
 from adaptermerge.methods.regmean import ModuleInputs, RegMeanParams, regmean, solve_gram
-from adaptermerge.surgery.merge import merge_into_base, torch_threads
+from adaptermerge.surgery.merge import merge_into_base
 from adaptermerge.synthetic import char_tokenizer, make_examples, save_tiny_base, write_jsonl
 from adaptermerge_cli.main import cli
 from tests.helpers import adapter_on_folder
@@ -116,10 +115,7 @@ def test_embedding_modules_take_the_weighted_mean_and_bad_weights_are_refused() 
 TASKS = ("upper", "shift")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from adaptermerge.errors import AdapterMergeError, InvalidCheckpoint, OutputExistsError, UsageError
 from adaptermerge.evaluation import completion_loss
 from adaptermerge.models import load_causal_lm, load_tokenizer
-from adaptermerge.surgery.merge import torch_threads
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
 from adaptermerge.train import TrainConfig, train_adapter
 from adaptermerge_cli.main import cli
@@ -29,11 +27,7 @@ from tests.conftest import PACKED_4BIT_KERNEL
 FAST = dict(rank=8, alpha=16, batch_size=16, grad_accum=1, lr=1e-2, max_length=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP barriers stall it."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
