@@ -47,7 +47,7 @@ def combine_card(
         "",
         *inputs_table([(m["model"], m["parameters"]["weight"]) for m in recipe["models"]], "input adapter"),
         "",
-        *adapter_usage("combine"),
+        *adapter_usage("distill" if recipe.get("operation") == "distill" else "combine"),  # the command that replays it
     ]
     for heading, body in sections:
         lines += [f"## {heading}", "", body.rstrip(), ""]

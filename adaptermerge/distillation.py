@@ -21,8 +21,9 @@ every token carry what each adapter learnt, including where it is unsure.
 
 Cost: per step and task, one forward pass of the teacher (no gradients) and one forward and backward pass of the
 student, on ``batch_size`` rows: the base is loaded once and the adapters are swapped in place
-(:class:`adaptermerge.live.LiveModel`). Teachers' outputs are computed on the fly, never stored, so memory is one
-batch's activations and logits. Deterministic per seed on the same hardware and torch build.
+(:class:`adaptermerge.live.LiveModel`). Teachers' outputs are computed on the fly, never stored, and each task's
+graph is freed by its backward pass before the next task runs, so memory is one task's batch: its activations and
+the logits of its real tokens. Deterministic per seed on the same hardware, device and torch build.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptermerge.data import TaskData, read_task_file, tokenize_row
-from adaptermerge.errors import InvalidData, NumericalError, UsageError
+from adaptermerge.data import TaskData, read_task_file
+from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.evaluation import DEFAULT_MAX_LENGTH, pad_batch
 
 if TYPE_CHECKING:  # torch and the model code load on first use: the CLI reads DistillSettings for its --help
@@ -74,16 +75,18 @@ class DistillSettings:
                 raise UsageError(f"distillation `{name}` must be a positive integer, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"distillation `seed` must be a non-negative integer, got {self.seed!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"distillation `lr` must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr <= 1):
+            raise UsageError(f"distillation `lr` must be in (0, 1], got {self.lr!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> DistillSettings:
-        """Settings from a recipe's ``distill`` mapping; unknown keys are refused, not dropped."""
+        """Settings from a recipe's ``distill`` mapping: every setting must be there (a default could differ from
+        the one that made the merge), and unknown keys are refused, not dropped."""
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise UsageError(f"{where}: distillation has no setting {unknown[0]!r} (it has {', '.join(sorted(known))})")
+        if missing := sorted(known - set(d)):
+            raise UsageError(f"{where}: the distill settings lack {missing[0]!r}; the recipe is not complete")
         return cls(**dict(d))
 
 
@@ -133,6 +136,7 @@ def distill(
     if len(adapters) < 2:
         raise UsageError("give at least two adapters to distil a merge of")
     data = read_tasks(tasks, len(adapters))
+    _check_rows(base, data)
     if isinstance(init, str):
         spec = get_method(init)  # an unknown name fails before any model is loaded
         loaded = live_adapters(adapters, base, "distill")
@@ -143,7 +147,7 @@ def distill(
             raise UsageError("`weights` are for an init method; an init merge already has its weights")
         loaded = live_adapters(adapters, base, "distill")
         start = init
-    check_init(start, loaded, data)
+    check_init(start, loaded, data, base)
     modules = sorted({m for a in [*loaded, start] for m in a.modules})
     with LiveModel(base, modules, device=device, progress=progress) as live:
         return refine(live, loaded, start, data, settings, progress)
@@ -162,22 +166,52 @@ def read_tasks(tasks: Any, n_adapters: int) -> list[tuple[str, TaskData]]:
     return [(str(n), d if isinstance(d, TaskData) else read_task_file(d)) for n, d in pairs]
 
 
-def check_init(start: Adapter, teachers: Sequence[Adapter], tasks: Sequence[tuple[str, TaskData]]) -> None:
-    """Refuse an init merge whose recipe could not be replayed beside the distillation: one not made by
-    ``combine``, made from other adapters, or (data-aware methods) from other task rows."""
+def _check_rows(base: Any, tasks: Sequence[tuple[str, TaskData]]) -> None:
+    """Rows the base's tokenizer cannot render (chat rows without a chat template) are refused before the model
+    loads."""
+    from adaptermerge.data import check_tokenizer
+    from adaptermerge.models import load_tokenizer, resolve_base
+
+    tok = load_tokenizer(resolve_base(base))
+    for _, data in tasks:
+        check_tokenizer(data, tok)
+
+
+def check_init(start: Adapter, teachers: Sequence[Adapter], tasks: Sequence[tuple[str, TaskData]], base: Any) -> None:
+    """Refuse an init merge whose recipe could not be replayed beside the distillation: one not made by ``combine``
+    (or already distilled, resized, dense), made from other adapters, or, for a data-aware method, from statistics
+    given in place of task rows, from other task rows or on another base."""
+    from adaptermerge.lowrank import LowRank
+    from adaptermerge.methods.registry import get_method
     from adaptermerge.recipe import task_entries
 
     prov = start.provenance
-    if "method" not in prov or "inputs" not in prov:
-        raise UsageError("the init merge must come from adaptermerge.combine (its recipe is part of the result's)")
-
-    def where(p: Any) -> str | None:
-        return str(Path(p).resolve()) if p else None
-
-    if [where(p) for p in prov["inputs"]] != [where(a.source) for a in teachers]:
+    if "method" not in prov or "inputs" not in prov or "distill" in prov or "operation" in prov:
+        raise UsageError(
+            "the init merge must be one that adaptermerge.combine returned (not distilled, resized or loaded): "
+            "its recipe is the first stage of the distilled merge's"
+        )
+    if not all(isinstance(m, LowRank) for m in start.modules.values()):
+        raise UsageError("the init merge holds dense modules (combine(dense=True)); distillation trains LoRA factors")
+    if [_where(p) for p in prov["inputs"]] != [_where(a.source) for a in teachers]:
         raise UsageError("the init merge was made from other adapters than the ones given to distil from")
-    if prov.get("tasks") and prov["tasks"] != task_entries(tasks):
-        raise UsageError("the init merge read other task rows than the ones given to distil on; use the same rows")
+    if get_method(prov["method"]).data:
+        if not prov.get("tasks"):
+            raise UsageError(
+                f"the init {prov['method']} merge was made from statistics given in place of task rows; its recipe "
+                "could not replay it: make it with `tasks` (the rows distilled on)"
+            )
+        if prov["tasks"] != task_entries(tasks):
+            raise UsageError("the init merge read other task rows than the ones given to distil on; use the same rows")
+        if _where(prov.get("base")) != _where(base):
+            raise UsageError(
+                f"the init merge read its statistics on the base {prov.get('base')}, not {base}; use the same base"
+            )
+
+
+def _where(p: Any) -> str | None:
+    """A local path, resolved (the same folder named two ways compares equal)."""
+    return str(Path(p).resolve()) if p else None
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -192,54 +226,57 @@ def refine(
     progress: bool = False,
 ) -> Adapter:
     """Train ``start``'s factors on ``live`` so that on task ``i``'s rows the model matches ``teachers[i]`` (see
-    the module docstring); returns the refined merge (``start`` is unchanged)."""
+    the module docstring); returns the refined merge. ``start``, the teachers and the base are unchanged, and the
+    live model is left with no adapter active, also when the training fails."""
     import torch
 
+    from adaptermerge.data import tokenize_task
     from adaptermerge.progress import bar
     from adaptermerge.recipe import task_entries
 
     t0 = time.perf_counter()
-    rows = [_tokenized(name, d, live.tokenizer, settings.max_length) for name, d in tasks]
-    student, params = _trainable(start)
+    rows = [tokenize_task(d, live.tokenizer, settings.max_length)[0] for _, d in tasks]
+    student, params = _trainable(start, live.device)
+    on_device = [{n: lr.to(dtype=live.dtype, device=live.device) for n, lr in t.modules.items()} for t in teachers]
     opt = torch.optim.Adam(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
     order = [_Sampler(len(r), settings.batch_size, gen) for r in rows]
     losses: list[float] = []
-    with _frozen(live.model), bar(settings.steps, "distil", "step", enabled=progress) as pbar:
-        for step in range(settings.steps):
-            opt.zero_grad(set_to_none=True)
-            loss = sum(
-                _task_loss(live, teacher, student, [items[j] for j in sampler.next()]) / len(rows)
-                for teacher, items, sampler in zip(teachers, rows, order, strict=True)
-            )
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NumericalError(
-                    f"distillation diverged at step {step + 1} (loss {loss_value}); lower `lr` (now {settings.lr:g})"
-                )
-            loss.backward()
-            opt.step()
-            losses.append(loss_value)
-            pbar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
-            pbar.update(1)
-    live.use(None)
+    try:
+        with _frozen(live.model), torch.enable_grad(), bar(settings.steps, "distil", "step", enabled=progress) as pbar:
+            for step in range(settings.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = 0.0
+                for teacher, items, sampler in zip(on_device, rows, order, strict=True):
+                    # one task's graph at a time: memory is one batch's, whatever the number of tasks
+                    task_loss = _task_loss(live, teacher, student, [items[j] for j in sampler.next()]) / len(rows)
+                    _check_finite(float(task_loss.detach()), step, settings)
+                    task_loss.backward()
+                    loss += float(task_loss.detach())
+                opt.step()
+                losses.append(loss)
+                pbar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+                pbar.update(1)
+    finally:
+        live.use(None)
     record = {
-        **asdict(settings), "base": str(live.path), "tasks": task_entries(tasks),
+        **asdict(settings), "base": _where(live.path), "tasks": task_entries(tasks),
         "rows": {name: len(r) for (name, _), r in zip(tasks, rows, strict=True)}, "loss_first": losses[0],
         "loss_last": losses[-1], "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip
     return _result(start, student, record)
 
 
-def _tokenized(name: str, data: TaskData, tok: Any, max_length: int) -> list[Any]:
-    out = [t for t in (tokenize_row(r, tok, max_length) for r in data.rows) if t is not None]
-    if not out:
-        raise InvalidData(f"task {name}: no row has a token to predict within {max_length} tokens")
-    return out
+def _check_finite(value: float, step: int, settings: DistillSettings) -> None:
+    if not math.isfinite(value):
+        raise NumericalError(
+            f"distillation diverged at step {step + 1} (loss {value}); lower its learning rate (now {settings.lr:g})"
+        )
 
 
 class _Sampler:
-    """Batches of row indices: a fresh permutation per pass over the rows (every row once per pass)."""
+    """Batches of row indices: each pass over the rows takes every row once, in a fresh order, and a batch that
+    spans two passes never holds a row twice (the new pass's rows that the batch already has wait for the next)."""
 
     def __init__(self, n: int, size: int, gen: torch.Generator):
         self.n, self.size, self.gen = n, min(size, n), gen
@@ -248,20 +285,26 @@ class _Sampler:
     def next(self) -> list[int]:
         import torch
 
-        if len(self.queue) < self.size:
-            self.queue += torch.randperm(self.n, generator=self.gen).tolist()
         batch, self.queue = self.queue[: self.size], self.queue[self.size :]
+        if len(batch) < self.size:
+            self.queue = torch.randperm(self.n, generator=self.gen).tolist()
+            take = [i for i in self.queue if i not in batch][: self.size - len(batch)]
+            self.queue = [i for i in self.queue if i not in take]
+            batch += take
         return batch
 
 
-def _trainable(start: Adapter) -> tuple[dict[str, LowRank], list[torch.Tensor]]:
-    """fp32 leaf copies of the init's factors (and merged bias) that the optimiser updates."""
+def _trainable(start: Adapter, device: Any) -> tuple[dict[str, LowRank], list[torch.Tensor]]:
+    """fp32 leaf copies of the init's factors (and merged bias), on the model's device, that the optimiser updates."""
     import torch
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
 
     student, params = {}, []
     for name, lr in start.modules.items():
-        A, B = (t.detach().to(torch.float32).clone().requires_grad_(True) for t in (lr.A, lr.B))
-        bias = None if lr.bias is None else lr.bias.detach().to(torch.float32).clone().requires_grad_(True)
+        A, B = leaf(lr.A), leaf(lr.B)
+        bias = None if lr.bias is None else leaf(lr.bias)
         student[name] = replace(lr, A=A, B=B, bias=bias)
         params += [A, B] + ([bias] if bias is not None else [])
     return student, params
@@ -282,33 +325,43 @@ class _frozen:
             p.requires_grad_(True)
 
 
-def _task_loss(live: LiveModel, teacher: Adapter, student: dict[str, LowRank], batch: list[Any]) -> torch.Tensor:
-    """Mean over the batch's real tokens of KL(teacher || student) of the next-token distributions."""
+def _task_loss(
+    live: LiveModel, teacher: dict[str, LowRank], student: dict[str, LowRank], batch: list[Any]
+) -> torch.Tensor:
+    """Mean over the batch's real tokens of KL(teacher || student) of the next-token distributions (padding is
+    dropped before the softmax, so memory is the real tokens' logits only)."""
     import torch
 
     ids, _, mask = pad_batch(batch, live.tokenizer.pad_token_id)
     ids, mask = ids.to(live.device), mask.to(live.device)
+    real = mask.bool()
     live.use(teacher)
     with torch.no_grad():
-        target = torch.log_softmax(live.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        target = torch.log_softmax(live.model(input_ids=ids, attention_mask=mask).logits[real].float(), dim=-1)
     live.use(student)
-    out = torch.log_softmax(live.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    kl = (target.exp() * (target - out)).sum(-1)
-    return kl[mask.bool()].mean()
+    out = torch.log_softmax(live.model(input_ids=ids, attention_mask=mask).logits[real].float(), dim=-1)
+    return (target.exp() * (target - out)).sum(-1).mean()
 
 
 def _result(start: Adapter, student: dict[str, LowRank], record: dict[str, Any]) -> Adapter:
-    """The refined merge in the init's dtypes, with the init's provenance plus the ``distill`` record."""
+    """The refined merge in the init's dtypes and device, with the init's provenance plus the ``distill`` record;
+    refused when a factor is no longer finite (the last step's update is not covered by the loss checks)."""
     modules = {}
     for name, lr in student.items():
         old = start.modules[name]
+
+        def back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=like.device, dtype=like.dtype)
+
         modules[name] = replace(
-            lr,
-            A=lr.A.detach().to(old.A.dtype),
-            B=lr.B.detach().to(old.B.dtype),
-            bias=None if lr.bias is None else lr.bias.detach().to(old.bias.dtype),
+            lr, A=back(lr.A, old.A), B=back(lr.B, old.B), bias=None if lr.bias is None else back(lr.bias, old.bias)
         )
-    return replace(start, modules=modules, provenance={**start.provenance, "distill": record})
+        if not modules[name].is_finite():
+            raise NumericalError(
+                f"distillation made module {name} non-finite; lower its learning rate (now {record['lr']:g})"
+            )
+    prov = {**start.provenance, "distill": record}
+    return replace(start, modules=modules, provenance=prov, warnings=list(start.warnings))
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -324,8 +377,8 @@ def distill_recipe(adapter: Adapter) -> dict[str, Any]:
         raise UsageError("this adapter was not made by distillation (its provenance has no `distill` entry)")
     recipe = combine_recipe(adapter)
     recipe["operation"] = "distill"
-    recipe["base"] = record["base"]
-    recipe["base_sha256"] = checkpoint_hashes(record["base"])
+    if recipe.get("base") != record["base"]:  # a data-aware init recorded (and hashed) the same base already
+        recipe["base"], recipe["base_sha256"] = record["base"], checkpoint_hashes(record["base"])
     recipe["tasks"] = record["tasks"]
     recipe["distill"] = {k: record[k] for k in DistillSettings.__dataclass_fields__}
     return recipe

@@ -26,7 +26,7 @@ def distill_options(prefix: str) -> Any:
             f"--{prefix}steps", type=click.IntRange(min=0 if prefix else 1), default=0 if prefix else d.steps,
             show_default=True, help=f"Distillation steps (each takes a batch from every task){zero}.",
         ),
-        click.option(f"--{prefix}lr", type=click.FloatRange(min=0.0, min_open=True), default=d.lr, show_default=True,
+        click.option(f"--{prefix}lr", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=d.lr, show_default=True,
                      help="Distillation learning rate (Adam, on the merged factors)."),
         click.option(f"--{prefix}batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
                      help="Rows per task per distillation step."),
@@ -140,6 +140,12 @@ def tune_cmd(
     """
     from adaptermerge.tuning import tune, tune_summary
 
+    if not distill_steps:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        if given := [n for n in ("distill_lr", "distill_batch_size") if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]:  # fmt: skip
+            raise click.UsageError(f"--{given[0].replace('_', '-')} takes effect with --distill-steps N only")
     distill = (
         DistillSettings(steps=distill_steps, lr=distill_lr, batch_size=distill_batch_size, seed=seed)
         if distill_steps
@@ -218,6 +224,7 @@ def distill_cmd(
 
     from adaptermerge.distillation import distill, distill_summary, load_distill_recipe, save_distilled
     from adaptermerge.errors import UsageError
+    from adaptermerge.io.atomic import check_output_path
     from adaptermerge_cli.main import parse_floats, refuse_with_recipe
 
     if recipe_path:
@@ -228,6 +235,7 @@ def distill_cmd(
             if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE
         ]
         refuse_with_recipe(adapters, base, tasks, weights, typed or None)
+        check_output_path(output, overwrite=overwrite)  # before the init is made again (it may read the base)
         kwargs = load_distill_recipe(recipe_path)
     else:
         if not adapters or not base or not tasks:
@@ -237,8 +245,6 @@ def distill_cmd(
             "weights": parse_floats(weights, "--weights"),
             "settings": DistillSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length),
         }  # fmt: skip
-    from adaptermerge.io.atomic import check_output_path
-
     inputs = [getattr(a, "source", a) for a in kwargs["adapters"]] + [kwargs["base"]]
     check_output_path(output, [p for p in inputs if p], overwrite=overwrite)  # before any training
     merged = distill(**kwargs, device=device, progress=not quiet)

@@ -6,20 +6,25 @@ winner and shows it before and after."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adaptermerge.combination import combine
 from adaptermerge.data import read_task_file, tokenize_row
-from adaptermerge.distillation import DistillSettings, distill, distill_recipe, save_distilled
-from adaptermerge.errors import InvalidData, UsageError
+from adaptermerge.distillation import DistillSettings, _Sampler, distill, distill_recipe, refine, save_distilled
+from adaptermerge.errors import InvalidData, NumericalError, UsageError
 from adaptermerge.evaluation import pad_batch
+from adaptermerge.io.adapter import load_adapter
 from adaptermerge.models import load_tokenizer
 from adaptermerge.synthetic import make_examples, save_tiny_base, write_jsonl
 from adaptermerge.tuning import tune, tune_summary
@@ -214,8 +219,9 @@ def test_tune_refines_its_winner_and_the_recipe_replays_it(work: Path, tmp_path:
                out=out, distill=DistillSettings(steps=8, batch_size=4))  # fmt: skip
     rows = res.report.models
     assert "tuned (regmean)" in rows and "tuned (regmean) + distill" in rows and res.tuned_name == "tuned (regmean) + distill"  # fmt: skip
-    held = res.report.scores["loss"]
-    assert held["tuned (regmean) + distill"] != held["tuned (regmean)"]
+    record = res.adapter.provenance["distill"]
+    assert record["loss_last"] < record["loss_first"] and record["rows"] == {"reverse": 11, "upper": 11}
+    assert any(not torch.equal(lr.A, res.searched.modules[n].A) for n, lr in res.adapter.modules.items())
     assert res.searched is not None and "distill" not in res.searched.provenance and res.adapter.ranks == res.searched.ranks  # fmt: skip
     assert res.settings["distill"]["steps"] == 8 and "Then distilled" in tune_summary(res)
     recipe = (out / "adapter" / "adaptermerge_recipe.yaml").read_text()
@@ -266,3 +272,125 @@ def test_on_a_4bit_base_the_qlora_case(work: Path, tmp_path: Path) -> None:
     assert record["loss_last"] < 0.9 * record["loss_first"]
     after = load_file(q / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_relative_base_replays_from_another_folder(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The recipe records the base resolved: written from the adapters' folder with ``--base ./base``, it replays
+    from anywhere, and the card's Reproduce line names the command that replays it."""
+    monkeypatch.chdir(work)
+    args = ["distill", "a", "b", "--base", "./base", "--task", "reverse=reverse.jsonl", "--task", "upper=upper.jsonl",
+            "--init", "linear", "--steps", "3", "--batch-size", "4", "--quiet", "-o", str(tmp_path / "d")]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert f"base: {(work / 'base').resolve()}" in (tmp_path / "d" / "adaptermerge_recipe.yaml").read_text()
+    assert "adaptermerge distill --recipe adaptermerge_recipe.yaml" in (tmp_path / "d" / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["distill", "--recipe", "d/adaptermerge_recipe.yaml", "-o", "again", "--quiet"])
+    assert r.exit_code == 0, r.output
+    first, again = (load_file(tmp_path / p / "adapter_model.safetensors") for p in ("d", "again"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_inits_whose_recipe_would_not_replay_are_refused(work: Path, tmp_path: Path) -> None:
+    from adaptermerge.statistics import task_statistics
+
+    ads = [work / "a", work / "b"]
+    loaded = [load_adapter(a) for a in ads]
+    stats = task_statistics(work / "base", loaded, [(t, read_task_file(p).rows) for t, p in _tasks(work).items()],
+                            sorted({m for a in loaded for m in a.modules}))  # fmt: skip
+    with pytest.raises(UsageError, match="statistics given in place of task rows"):
+        distill(work / "base", ads, _tasks(work), init=combine(ads, method="regmean", statistics=stats))
+    other_base = tmp_path / "base-copy"
+    shutil.copytree(work / "base", other_base)
+    with pytest.raises(UsageError, match="on the base"):
+        distill(other_base, ads, _tasks(work), init=combine(ads, method="regmean", base=work / "base", tasks=_tasks(work)))  # fmt: skip
+    once = distill(work / "base", ads, _tasks(work), init="linear", settings=DistillSettings(steps=1))
+    with pytest.raises(UsageError, match="not distilled"):
+        distill(work / "base", ads, _tasks(work), init=once)
+    with pytest.raises(UsageError, match="dense modules"):
+        distill(work / "base", ads, _tasks(work), init=combine(ads, method="ties", dense=True))
+
+
+def test_refine_leaves_nothing_changed_also_when_it_fails(work: Path) -> None:
+    """The base's weights and requires_grad, the init and the teachers are unchanged, and no adapter stays active on
+    the live model, after a run and after a run that diverges."""
+    from adaptermerge.live import LiveModel
+
+    ads = [load_adapter(work / "a"), load_adapter(work / "b")]
+    init = combine(ads, method="linear")
+    tasks = [(t, read_task_file(p)) for t, p in _tasks(work).items()]
+    snapshot = [t.clone() for a in [*ads, init] for lr in a.modules.values() for t in (lr.A, lr.B)]
+    with LiveModel(work / "base", sorted(init.modules)) as live:
+        weights = {k: v.clone() for k, v in live.model.state_dict().items()}
+        refine(live, ads, init, tasks, DistillSettings(steps=3, batch_size=4))
+        assert live._active == {}
+        broken = replace(init, modules={n: replace(lr, A=lr.A * float("inf")) for n, lr in init.modules.items()})
+        with pytest.raises(NumericalError, match="diverged at step 1"):
+            refine(live, ads, broken, tasks, DistillSettings(steps=3, batch_size=4))
+        assert live._active == {} and all(p.requires_grad for p in live.model.parameters())
+        assert all(torch.equal(v, live.model.state_dict()[k]) for k, v in weights.items())
+    after = [t for a in [*ads, init] for lr in a.modules.values() for t in (lr.A, lr.B)]
+    assert all(torch.equal(x, y) for x, y in zip(snapshot, after, strict=True))
+
+
+@given(n=st.integers(1, 12), size=st.integers(1, 16), batches=st.integers(1, 30), seed=st.integers(0, 9))
+def test_sampler_batches_hold_distinct_rows_and_passes_cover_every_row(n: int, size: int, batches: int, seed: int) -> None:  # fmt: skip
+    sampler = _Sampler(n, size, torch.Generator().manual_seed(seed))
+    drawn = [sampler.next() for _ in range(batches)]
+    assert all(len(b) == min(size, n) and len(set(b)) == len(b) for b in drawn)
+    counts = [sum(b.count(i) for b in drawn) for i in range(n)]
+    assert max(counts) - min(counts) <= 1 + (n % min(size, n) != 0)  # each pass takes every row once
+
+
+def test_chat_rows_without_a_chat_template_are_refused_before_the_model_loads(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(work / "base", base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")  # fmt: skip
+    monkeypatch.setattr("adaptermerge.live.load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))  # fmt: skip
+    with pytest.raises(InvalidData, match="no chat_template"):
+        distill(base, [work / "a", work / "b"], {"reverse": work / "reverse.jsonl", "chat": chat}, init="linear")
+
+
+def test_settings_from_a_recipe_need_every_setting_and_tune_options_need_steps(work: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="lack 'seed'"):
+        DistillSettings.from_dict({"steps": 3, "lr": 0.001, "batch_size": 4, "max_length": 64}, "r.yaml")
+    with pytest.raises(UsageError, match=r"`lr` must be in \(0, 1\]"):
+        DistillSettings(lr=2.0)
+    args = ["tune", str(work / "a"), str(work / "b"), "--base", str(work / "base"), "--task", f"reverse={work / 'reverse.jsonl'}",
+            "--task", f"upper={work / 'upper.jsonl'}", "--distill-lr", "0.01", "-o", str(tmp_path / "t")]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "--distill-lr takes effect with --distill-steps N only" in r.output
+    assert not (tmp_path / "t").exists()
+
+
+def test_embedding_modules_are_trained_and_load_in_peft(work: Path, tmp_path: Path) -> None:
+    """Adapters on the token embeddings too: their merged rows train like the linear factors, and PEFT loads the
+    result with the deltas it was given."""
+    from peft import LoraConfig, get_peft_model
+
+    ads = []
+    for name, seed in (("ea", 3), ("eb", 4)):
+        torch.manual_seed(seed)
+        cfg = LoraConfig(
+            r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "v_proj"], init_lora_weights=False
+        )
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "base"), cfg)
+        pm.save_pretrained(tmp_path / name, save_embedding_layers=False)  # the LoRA factors only, no full table
+        ads.append(tmp_path / name)
+    merged = distill(work / "base", ads, _tasks(work), init="linear", settings=DistillSettings(steps=10, lr=3e-3, batch_size=4))  # fmt: skip
+    start = combine(ads, method="linear")
+    emb = next(n for n in merged.modules if "embed_tokens" in n)
+    assert merged.modules[emb].layout == "embedding" and not torch.equal(merged.modules[emb].B, start.modules[emb].B)
+    assert merged.provenance["distill"]["loss_last"] < merged.provenance["distill"]["loss_first"]
+    out = save_distilled(merged, tmp_path / "d")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "base"), out)
+    layer = model.base_model.model.model.embed_tokens
+    got = (layer.lora_embedding_B["default"] @ layer.lora_embedding_A["default"]).T * layer.scaling["default"]
+    assert torch.allclose(got, merged.modules[emb].delta(), atol=1e-6)
