@@ -109,8 +109,8 @@ def distill(
         base: the base model folder the adapters were trained on (loaded once).
         adapters: two or more adapter folders (or :class:`Adapter` objects read from folders): the teachers.
         tasks: one task per adapter, in the adapters' order: ``{name: file.jsonl}`` or ``(name, file or TaskData)``
-            pairs (rows as ``evaluate`` reads them). Every row is used; the files are read and checked before any
-            model is loaded.
+            pairs (rows as ``evaluate`` reads them). Every row is used (but one whose completion lies wholly beyond
+            ``max_length``); the files are read and checked before any model is loaded.
         init: the merge to start from: a registry method name (combined here at its defaults with ``weights``;
             RegMean reads ``tasks``), or an :class:`Adapter` that :func:`adaptermerge.combine` made from the same
             adapters (and, for a data-aware method, the same task rows).
@@ -138,14 +138,14 @@ def distill(
     data = read_tasks(tasks, len(adapters))
     _check_rows(base, data)
     if isinstance(init, str):
-        spec = get_method(init)  # an unknown name fails before any model is loaded
-        loaded = live_adapters(adapters, base, "distill")
+        spec = get_method(init)  # an unknown name fails before anything is read
+    elif weights is not None:
+        raise UsageError("`weights` are for an init method; an init merge already has its weights")
+    loaded = live_adapters(adapters, base, "distill")
+    if isinstance(init, str):
         extra = {"base": base, "tasks": data} if spec.data else {}
         start = combine(loaded, weights, method=spec.name, **extra)
     else:
-        if weights is not None:
-            raise UsageError("`weights` are for an init method; an init merge already has its weights")
-        loaded = live_adapters(adapters, base, "distill")
         start = init
     check_init(start, loaded, data, base)
     modules = sorted({m for a in [*loaded, start] for m in a.modules})
