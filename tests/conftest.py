@@ -33,6 +33,17 @@ def _seed():
 
 
 @pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model (a base for evaluate, RegMean's statistics, tune or distill) fails the test: for inputs that
+    must be refused before any model is loaded."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("adaptermerge.live.load_causal_lm", refuse)
+
+
+@pytest.fixture
 def one_thread() -> Iterator[None]:
     """One torch thread for the test: tiny models gain nothing from a second thread, and on a busy machine OpenMP
     barriers stall it (modules that run models use ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""

@@ -158,14 +158,8 @@ def test_regmean_init_and_the_recipe_replays_both_stages_bitwise(work: Path, tmp
     assert r.exit_code == 1 and "changed since the recipe was written" in r.output and not (tmp_path / "y").exists()
 
 
-def test_bad_inputs_are_refused_before_any_model_is_loaded(
-    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_model(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("adaptermerge.live.load_causal_lm", no_model)
-    monkeypatch.setattr("adaptermerge.statistics.LiveModel", no_model)
+@pytest.mark.usefixtures("no_model_load")
+def test_bad_inputs_are_refused_before_any_model_is_loaded(work: Path, tmp_path: Path) -> None:
     ads = [work / "a", work / "b"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n')
@@ -342,9 +336,8 @@ def test_sampler_batches_hold_distinct_rows_and_passes_cover_every_row(n: int, s
     assert max(counts) - min(counts) <= 1 + (n % min(size, n) != 0)  # each pass takes every row once
 
 
-def test_chat_rows_without_a_chat_template_are_refused_before_the_model_loads(
-    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("no_model_load")
+def test_chat_rows_without_a_chat_template_are_refused_before_the_model_loads(work: Path, tmp_path: Path) -> None:
     base = tmp_path / "base"
     shutil.copytree(work / "base", base)
     (base / "chat_template.jinja").unlink(missing_ok=True)
@@ -353,7 +346,6 @@ def test_chat_rows_without_a_chat_template_are_refused_before_the_model_loads(
     (base / "tokenizer_config.json").write_text(json.dumps(cfg))
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")  # fmt: skip
-    monkeypatch.setattr("adaptermerge.live.load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))  # fmt: skip
     with pytest.raises(InvalidData, match="no chat_template"):
         distill(base, [work / "a", work / "b"], {"reverse": work / "reverse.jsonl", "chat": chat}, init="linear")
 

@@ -146,13 +146,8 @@ def test_the_winner_replays_from_its_recipe_without_searching(work: Path, tmp_pa
     assert isinstance(res.best.weights[0], dict) and set(res.best.weights[0]) == {"layers 0-0", "layers 1-1"}
 
 
-def test_bad_inputs_are_refused_before_any_model_is_loaded(
-    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_model(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("adaptermerge.live.load_causal_lm", no_model)
+@pytest.mark.usefixtures("no_model_load")
+def test_bad_inputs_are_refused_before_any_model_is_loaded(work: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": 3}\n')
     ads = [work / "a", work / "b"]
