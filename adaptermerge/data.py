@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -205,6 +206,16 @@ def _parse_messages(msgs: Any) -> tuple[tuple[str, str], ...]:
 
 
 # --- tokenizing ---------------------------------------------------------------------------------------------
+
+
+def named_tasks(tasks: Any) -> list[tuple[str, Any]]:
+    """``{name: data}`` or ``(name, data)`` pairs as a list of ``(name, data)``, in order; a name given twice is
+    refused (tables and recipes key the tasks by name)."""
+    pairs = [(str(n), d) for n, d in (tasks.items() if isinstance(tasks, Mapping) else tasks)]
+    names = [n for n, _ in pairs]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise UsageError(f"task {dup[0]!r} is given twice; name every task once")
+    return pairs
 
 
 def check_tokenizer(data: TaskData, tokenizer: Any) -> None:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptermerge.data import TaskData, read_task_file
+from adaptermerge.data import TaskData, named_tasks, read_task_file
 from adaptermerge.errors import NumericalError, UsageError
 from adaptermerge.evaluation import DEFAULT_MAX_LENGTH, pad_batch
 
@@ -155,15 +155,12 @@ def distill(
 
 def read_tasks(tasks: Any, n_adapters: int) -> list[tuple[str, TaskData]]:
     """``(name, TaskData)`` per task, files read and checked (line-numbered errors), one task per adapter."""
-    pairs = list(tasks.items() if isinstance(tasks, Mapping) else tasks)
+    pairs = named_tasks(tasks)
     if len(pairs) != n_adapters:
         raise UsageError(
             f"give one task per adapter, in the adapters' order: got {len(pairs)} tasks for {n_adapters} adapters"
         )
-    names = [str(n) for n, _ in pairs]
-    if dup := sorted({n for n in names if names.count(n) > 1}):
-        raise UsageError(f"task {dup[0]!r} is given twice; name every task once")
-    return [(str(n), d if isinstance(d, TaskData) else read_task_file(d)) for n, d in pairs]
+    return [(n, d if isinstance(d, TaskData) else read_task_file(d)) for n, d in pairs]
 
 
 def _check_rows(base: Any, tasks: Sequence[tuple[str, TaskData]]) -> None:

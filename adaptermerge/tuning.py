@@ -50,7 +50,7 @@ from typing import Any
 
 from adaptermerge.adapter import Adapter
 from adaptermerge.combination import combine
-from adaptermerge.data import TaskData, format_lines, read_task_file
+from adaptermerge.data import TaskData, format_lines, named_tasks, read_task_file
 from adaptermerge.distillation import DistillSettings, distill_recipe, distill_summary, refine
 from adaptermerge.errors import AdapterMergeError, UsageError
 from adaptermerge.evaluation import (
@@ -311,12 +311,7 @@ def _check_call(
 
 
 def _task_pairs(tasks: Any) -> list[tuple[str, Path]]:
-    pairs = [(str(n), Path(p)) for n, p in (tasks.items() if isinstance(tasks, Mapping) else tasks)]
-    names = [n for n, _ in pairs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UsageError(f"task {dup[0]!r} is given twice; name every task once")
-    return pairs
+    return [(n, Path(p)) for n, p in named_tasks(tasks)]
 
 
 def _check_output(out: Any, base: Any, adapters: Sequence[Any], overwrite: bool) -> None:
